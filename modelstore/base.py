@@ -35,7 +35,7 @@ class Head:
     """The mutable pointer of one model: its latest version and aliases.
 
     ``cas`` is the backend's token for the compare-and-swap of the next
-    publish; it is opaque to callers. A head read from a store never has
+    publish, and it is opaque to callers. A head read from a store never has
     ``None`` or ``0`` there, and a publish on a head with either always
     raises VersionConflict.
     """
@@ -52,7 +52,7 @@ class Head:
 class VersionInfo:
     """One published version: its number, publish id and JSON metadata.
 
-    ``metadata`` holds at least: ``model``, ``version``, ``parent`` (its
+    ``metadata`` contains at least: ``model``, ``version``, ``parent`` (its
     version number, None for version 0), ``parent_id`` (its publish id),
     ``publish_id``, ``created_at`` (Unix seconds), ``spec``,
     ``samples_learned``, ``metrics``, ``offsets``
@@ -124,9 +124,9 @@ class ModelStore(abc.ABC):
         ``parent_id``, ``publish_id``, ``created_at`` and ``artifacts``,
         replacing any value the caller passed under those keys.
 
-        Raises VersionConflict when the head is no longer ``expected``;
+        Raises VersionConflict when the head is no longer ``expected``, and
         nothing of the attempt is visible then. Raises StoreUnavailable when
-        the store did not answer: nothing was published, unless the message
+        the store timed out or is unavailable: nothing was published, unless the message
         says the outcome is unknown, and then the caller reloads the head
         before publishing again. Raises InvalidInputError for bad metadata,
         kinds or artifact types, and ArtifactTooLarge.
