@@ -250,13 +250,21 @@ def _numeric(name: str, value: Any) -> float:
         raise RecordRejected(
             "wrong_type", f"feature {name!r} is numeric, got {value!r}"
         )
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float64 range
+        number = math.inf
     if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
         raise RecordRejected(
             "non_finite",
-            f"feature {name!r} is {value!r}, which is not a finite float32 number",
+            f"feature {name!r} is {_short(value)}, which is not a finite float32 number",
         )
     return number
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."
 
 
 class LabelSet:
@@ -316,9 +324,12 @@ def check_target(value: Any) -> float:
         raise RecordRejected("missing_label", "the record has no label")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise RecordRejected("label_type", f"label {value!r} is not a number")
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond the float64 range
+        number = math.inf
     if not math.isfinite(number) or abs(number) > FLOAT32_MAX:
-        raise RecordRejected("non_finite", f"label {value!r} is not a finite float32 number")
+        raise RecordRejected("non_finite", f"label {_short(value)} is not a finite float32 number")
     return number
 
 

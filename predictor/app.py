@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"[0-9]{1,9}")
 STORE_WARNING_INTERVAL_S = 60.0
+MAX_ERROR_CHARS = 1000
 
 
 class Predictor:
@@ -209,7 +210,9 @@ class _Routes:
             body = await _read_body(request, self.p.settings.max_body_bytes) if read_body else b""
             response = Response(await run_in_threadpool(work, body), media_type="application/json")
         except Exception as exc:
-            known = isinstance(exc, NotServable)
+            # A version that cannot be served is known to exist, unless the
+            # store failed before confirming that.
+            known = isinstance(exc, NotServable) and not exc.store_failed
             response = self._error(exc, name, version, resolved)
 
         # Only names of models found in the store become label values, so
@@ -233,7 +236,8 @@ class _Routes:
         if isinstance(exc, RequestError):
             status = exc.status
             if exc.field is not None:
-                body["field"] = exc.field
+                # An unknown key of the body is named as the field.
+                body["field"] = exc.field[:MAX_NAME_LENGTH]
             if exc.reason is not None:
                 body["reason"] = exc.reason
         elif isinstance(exc, InvalidInputError):
@@ -244,7 +248,10 @@ class _Routes:
         elif isinstance(exc, VersionNotFound):
             status = 404
         elif isinstance(exc, NotServable):
+            # The public message leaves out the store's message; the session
+            # cache has logged the full one.
             status = 503
+            body["error"] = exc.public
         elif isinstance(exc, StoreError):
             # The store's message names internal hosts and paths, so the
             # client gets a summary and the log gets the message.
@@ -258,7 +265,12 @@ class _Routes:
             logger.exception("request for model %s failed", name)
             status = 500
             body["error"] = f"internal error of the predictor: {type(exc).__name__}"
-        return JSONResponse(body, status_code=status)
+        # Messages quote the offending value, which may be megabytes long.
+        if len(body["error"]) > MAX_ERROR_CHARS:
+            body["error"] = body["error"][:MAX_ERROR_CHARS] + "... (message cut)"
+        # _dumps escapes to ASCII, because a JSON string may carry a lone
+        # surrogate (the escape \ud800), which has no UTF-8 encoding.
+        return Response(_dumps(body), status_code=status, media_type="application/json")
 
 
 def _parse_version(raw: str) -> int:

@@ -9,6 +9,7 @@ arrays of the expected shapes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -30,6 +31,8 @@ from modelstore.schema import FeatureSchema, LabelSet
 from predictor.settings import PredictorSettings
 
 OUTPUT_KINDS = ("label", "probabilities", "scores", "value")
+CLASSIFIER_OUTPUTS = ("label", "probabilities", "scores")
+REGRESSOR_OUTPUTS = ("value",)
 
 
 class LoadFailed(StreamfitError):
@@ -38,13 +41,15 @@ class LoadFailed(StreamfitError):
     ``result`` is the metric label (corrupt, invalid, warm_failed,
     unavailable, no_artifact). Only ``unavailable`` (a store error) is
     retriable, because the other results come from stored bytes, which never
-    change.
+    change. ``public`` is the message for clients: it leaves out the store's
+    own message, which names internal hosts and paths.
     """
 
-    def __init__(self, result: str, message: str):
+    def __init__(self, result: str, message: str, public: str | None = None):
         super().__init__(message)
         self.result = result
         self.retriable = result == "unavailable"
+        self.public = message if public is None else public
 
 
 @dataclass(eq=False)
@@ -112,16 +117,14 @@ def load_version(
     LoadFailed for everything that keeps the version from being served.
     """
     started = time.perf_counter()
+    where = f"model {name!r} version {version}"
     try:
         info = store.version(name, version)
     except (ModelNotFound, VersionNotFound):
         raise
-    except ArtifactCorrupt as exc:
-        raise LoadFailed("corrupt", f"model {name!r} version {version}: {exc}") from None
     except StoreError as exc:
-        raise LoadFailed("unavailable", f"model {name!r} version {version}: {exc}") from None
+        raise _store_failure(exc, where) from None
     metadata = info.metadata
-    where = f"model {name!r} version {info.version}"
 
     if ONNX not in metadata.get("artifacts", {}) or "onnx" not in metadata:
         raise LoadFailed(
@@ -135,10 +138,8 @@ def load_version(
 
     try:
         data = store.artifact(info, ONNX)
-    except ArtifactCorrupt as exc:
-        raise LoadFailed("corrupt", f"{where}: {exc}") from None
     except StoreError as exc:
-        raise LoadFailed("unavailable", f"{where}: {exc}") from None
+        raise _store_failure(exc, where) from None
 
     # onnxruntime's errors share no base class below Exception.
     try:
@@ -165,6 +166,19 @@ def load_version(
     _warm(model, where)
     model.load_seconds = time.perf_counter() - started
     return model
+
+
+def _store_failure(exc: StoreError, where: str) -> LoadFailed:
+    if isinstance(exc, ArtifactCorrupt):
+        return LoadFailed(
+            "corrupt", f"{where}: {exc}",
+            public=f"{where}: its stored metadata or artifact is corrupt; the predictor log "
+            "has the details",
+        )
+    return LoadFailed(
+        "unavailable", f"{where}: {exc}",
+        public=f"{where}: the model store is unavailable; retry later",
+    )
 
 
 def _read_spec(
@@ -213,7 +227,9 @@ def _read_onnx_meta(
             f"width {schema.width}",
         )
 
-    outputs = {k: v for k, v in raw_outputs.items() if k in OUTPUT_KINDS and isinstance(v, str)}
+    # Kinds of the other task are left out: a regressor has no label to serve.
+    kinds = CLASSIFIER_OUTPUTS if task == "classification" else REGRESSOR_OUTPUTS
+    outputs = {k: v for k, v in raw_outputs.items() if k in kinds and isinstance(v, str)}
     needed = "label" if task == "classification" else "value"
     if needed not in outputs:
         raise LoadFailed(
@@ -246,14 +262,14 @@ def _check_signature(
 
 
 def _warm(model: LoadedModel, where: str) -> None:
-    """Run one inference on a zero row and check the shapes of the results."""
+    """Run one inference on a zero row and check the shapes and types of the results."""
     try:
         arrays = model.predict(np.zeros((1, model.schema.width), dtype=np.float32))
     except Exception as exc:
         raise LoadFailed("warm_failed", f"{where}: warm-up inference failed: {exc}") from None
 
     for kind, array in arrays.items():
-        if array.shape[0] != 1:
+        if array.ndim == 0 or array.shape[0] != 1:
             raise LoadFailed(
                 "warm_failed", f"{where}: output {kind!r} has shape {array.shape} for one row"
             )
@@ -267,9 +283,39 @@ def _warm(model: LoadedModel, where: str) -> None:
                 )
         if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
             raise LoadFailed("warm_failed", f"{where}: output {kind!r} is not finite on a zero row")
+    for kind, array in arrays.items():
+        _check_output_type(model, kind, array, where)
 
     if model.is_classifier:
         _check_class_order(model, arrays, where)
+
+
+def _check_output_type(model: LoadedModel, kind: str, array: np.ndarray, where: str) -> None:
+    """Raise LoadFailed unless an output's rank and dtype fit its kind.
+
+    The metadata maps kinds to graph outputs by name only, so a wrong
+    mapping would otherwise serve probabilities as labels, for example.
+    """
+    if kind == "label":
+        wants_int = bool(model.classes) and isinstance(model.classes[0], int)
+        fits = array.ndim == 1 and (
+            array.dtype.kind in "iu" if wants_int else array.dtype.kind in "OUS"
+        )
+        label_type = "integers" if wants_int else "strings"
+        expected = f"(n,) {label_type} like the labels {list(model.classes or ())}"
+    elif kind == "value":
+        fits = array.dtype.kind == "f" and (array.ndim == 1 or array.shape[1:] == (1,))
+        expected = "(n,) or (n, 1) floats"
+    else:
+        fits = array.dtype.kind == "f"
+        expected = "floats"
+    if not fits:
+        raise LoadFailed(
+            "warm_failed",
+            f"{where}: output {kind!r} has shape {array.shape} and dtype {array.dtype}, "
+            f"expected {expected}; the metadata 'onnx.outputs' names the wrong graph output "
+            "or the wrong labels",
+        )
 
 
 def _check_class_order(model: LoadedModel, arrays: Mapping[str, np.ndarray], where: str) -> None:
@@ -296,4 +342,10 @@ def _check_class_order(model: LoadedModel, arrays: Mapping[str, np.ndarray], whe
 def _float_or_none(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value)
+    # A NaN, infinite or overflowing time has no JSON number, so it counts
+    # as unknown.
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None

@@ -24,6 +24,12 @@ NUMERIC_DATATYPES = {
     "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64",
 }
 MAX_IGNORED_NAMES = 20
+# Ignored feature names are echoed back cut to this many characters.
+MAX_ECHOED_NAME_CHARS = 64
+# An integer of more digits cannot be a float32 feature value. Python parses
+# at most 4300 digits and float() overflows above about 309, so longer
+# integers would otherwise fail the request with a 500 instead of a 400.
+MAX_INTEGER_DIGITS = 300
 
 
 class RequestError(StreamfitError):
@@ -47,7 +53,7 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise RequestError(400, "the request body is not UTF-8 text; send a JSON object") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise RequestError(
             400, f"invalid JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}"
@@ -60,6 +66,16 @@ def _reject_constant(name: str) -> Any:
     raise RequestError(
         400, f"invalid JSON body: {name} is not a JSON number; send finite numbers only"
     )
+
+
+def _parse_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        raise RequestError(
+            400, f"invalid JSON body: an integer of {digits} digits is out of range; send "
+            "numbers within the float32 range (about 3.4e38)"
+        )
+    return int(text)
 
 
 def decode_v1(payload: Any, model: LoadedModel, max_rows: int) -> tuple[np.ndarray, list[str]]:
@@ -98,7 +114,7 @@ def decode_v1(payload: Any, model: LoadedModel, max_rows: int) -> tuple[np.ndarr
     for i, row in enumerate(rows):
         out[i] = _encode(model, row, where[i])
         if isinstance(row, Mapping) and len(ignored) < MAX_IGNORED_NAMES:
-            ignored.update(model.schema.extra_keys(row))
+            ignored.update(k[:MAX_ECHOED_NAME_CHARS] for k in model.schema.extra_keys(row))
     return out, sorted(ignored)[:MAX_IGNORED_NAMES]
 
 
@@ -144,7 +160,8 @@ def _decode_tensor(tensor: Any, where: str, model: LoadedModel, max_rows: int) -
         raise RequestError(400, f"{where}: expected a tensor object, got {_json_type(tensor)}", field=where)
     name = tensor.get("name")
     features = {f.name: f for f in model.schema.features}
-    if name not in features:
+    # A JSON list or object as the name is unhashable, so it is checked first.
+    if not isinstance(name, str) or name not in features:
         raise RequestError(
             400, f"{where}.name: {name!r} is not an input of model {model.name!r}; its inputs "
             f"are {list(model.schema.names)}", field=f"{where}.name",
@@ -157,7 +174,7 @@ def _decode_tensor(tensor: Any, where: str, model: LoadedModel, max_rows: int) -
             400, f"{where}.datatype: input {name!r} is categorical and takes BYTES, got "
             f"{datatype!r}", field=f"{where}.datatype",
         )
-    if expected == "FP32" and datatype not in NUMERIC_DATATYPES:
+    if expected == "FP32" and (not isinstance(datatype, str) or datatype not in NUMERIC_DATATYPES):
         raise RequestError(
             400, f"{where}.datatype: input {name!r} is numeric and takes FP32, FP64, INT64 "
             f"or another numeric datatype, got {datatype!r}", field=f"{where}.datatype",

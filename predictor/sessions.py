@@ -20,7 +20,7 @@ from collections import OrderedDict
 from typing import Callable, Iterator
 
 from modelstore.base import ModelStore
-from modelstore.errors import ModelNotFound, StreamfitError
+from modelstore.errors import ModelNotFound, StoreError, StreamfitError
 
 from predictor.loader import LoadedModel, LoadFailed, load_version
 from predictor.metrics import PredictorMetrics
@@ -36,16 +36,28 @@ MAX_FALLBACK_VERSIONS = 5
 MAX_FAILED_VERSIONS = 10_000
 MAX_MISSING_NAMES = 10_000
 LOAD_LOCK_STRIPES = 64
+# Loads that fail because the store is down are logged at most this often,
+# because during an outage every model name a client sends fails its load.
+UNAVAILABLE_LOG_INTERVAL_S = 60.0
 
 Key = tuple[str, "int | None"]
 
 
 class NotServable(StreamfitError):
-    """No loadable version can serve the request; the message gives the reason."""
+    """No loadable version can serve the request; the message gives the reason.
 
-    def __init__(self, message: str, retriable: bool):
+    ``public`` is the message for clients, without the store's internal
+    hosts and paths. ``store_failed`` is set when the store failed to
+    respond, so the model may not even exist.
+    """
+
+    def __init__(
+        self, message: str, retriable: bool, public: str | None = None, store_failed: bool = False
+    ):
         super().__init__(message)
         self.retriable = retriable
+        self.public = message if public is None else public
+        self.store_failed = store_failed
 
 
 class SessionCache:
@@ -67,8 +79,10 @@ class SessionCache:
         # Striped locks let one thread load a given key while requests for
         # other models go on, without a lock object per requested name.
         self._load_locks = [threading.Lock() for _ in range(LOAD_LOCK_STRIPES)]
-        self._failed: OrderedDict[tuple[str, int], str] = OrderedDict()
-        self._unavailable_logged: set[tuple[str, int]] = set()
+        # Message and public message of each version that failed for good.
+        self._failed: OrderedDict[tuple[str, int], tuple[str, str]] = OrderedDict()
+        self._unavailable_logged_at = float("-inf")
+        self._unavailable_suppressed = 0
         self._missing: OrderedDict[str, tuple[float, str]] = OrderedDict()
 
     def latest(self, name: str) -> LoadedModel:
@@ -158,7 +172,7 @@ class SessionCache:
                 f"{latest}, which carries only the spec); publish a trained version first",
                 retriable=True,
             )
-        reasons = []
+        reasons, public_reasons = [], []
         for version in range(latest, lowest - 1, -1):
             try:
                 return self._load_one(name, version)
@@ -166,41 +180,68 @@ class SessionCache:
                 if exc.retriable:
                     raise
                 reasons.append(str(exc))
+                public_reasons.append(exc.public)
+        prefix = f"model {name!r}: no version from {latest} down to {lowest} can be served: "
         raise NotServable(
-            f"model {name!r}: no version from {latest} down to {lowest} can be served: "
-            + "; ".join(reasons),
-            retriable=False,
+            prefix + "; ".join(reasons), retriable=False, public=prefix + "; ".join(public_reasons)
         )
 
     def _load_one(self, name: str, version: int) -> LoadedModel:
         with self._lock:
             failure = self._failed.get((name, version))
         if failure is not None:
-            raise NotServable(failure, retriable=False)
+            raise NotServable(failure[0], retriable=False, public=failure[1])
         try:
             model = self._load(self._store, name, version, self._settings)
         except LoadFailed as exc:
             self._record_failure(name, version, exc)
-            raise NotServable(str(exc), retriable=exc.retriable) from None
+            raise NotServable(
+                str(exc), retriable=exc.retriable, public=exc.public, store_failed=exc.retriable
+            ) from None
+        except StoreError:
+            raise
+        except Exception as exc:
+            # Stored content that the loader does not expect, such as deeply
+            # nested metadata, must not fail every request with a 500 or be
+            # read again for each one.
+            logger.exception("model %s version %d: unexpected error while loading", name, version)
+            failed = LoadFailed(
+                "invalid", f"model {name!r} version {version}: unexpected error while loading: "
+                f"{type(exc).__name__}: {exc}",
+                public=f"model {name!r} version {version}: the version cannot be loaded "
+                f"({type(exc).__name__}); the predictor log has the details",
+            )
+            self._record_failure(name, version, failed)
+            raise NotServable(str(failed), retriable=False, public=failed.public) from None
         self._metrics.model_loads.labels(result="ok").inc()
-        self._unavailable_logged.discard((name, version))
         return model
 
     def _record_failure(self, name: str, version: int, exc: LoadFailed) -> None:
         self._metrics.model_loads.labels(result=exc.result).inc()
-        key = (name, version)
         if exc.retriable:
-            # A store outage is retried on the next request or refresh; one
-            # warning per version is enough to show it.
-            if key not in self._unavailable_logged:
-                self._unavailable_logged.add(key)
-                logger.warning("%s; the version will be loaded again later", exc)
+            # A store outage is retried on the next request or refresh. A
+            # client can name any number of models while the store is down,
+            # so the warnings are rate-limited instead of kept per version.
+            self._log_unavailable(exc)
             return
         with self._lock:
-            self._failed[key] = str(exc)
+            self._failed[(name, version)] = (str(exc), exc.public)
             while len(self._failed) > MAX_FAILED_VERSIONS:
                 self._failed.popitem(last=False)
         logger.error("%s; this version is never served (load result %s)", exc, exc.result)
+
+    def _log_unavailable(self, exc: LoadFailed) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._unavailable_logged_at < UNAVAILABLE_LOG_INTERVAL_S:
+                self._unavailable_suppressed += 1
+                return
+            self._unavailable_logged_at = now
+            suppressed, self._unavailable_suppressed = self._unavailable_suppressed, 0
+        logger.warning(
+            "%s; the version will be loaded again later (%d similar failures not logged "
+            "in the last %.0f s)", exc, suppressed, UNAVAILABLE_LOG_INTERVAL_S,
+        )
 
     def _swap(self, name: str, new: LoadedModel) -> bool:
         with self._lock:

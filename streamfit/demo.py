@@ -135,23 +135,31 @@ class Requests:
         self.versions: set[int] = set()
         self.not_ready = 0
         self.failed = 0
+        self.failures: list[str] = []
+
+    def fail(self, detail: str) -> None:
+        self.failed += 1
+        if len(self.failures) < 5:
+            self.failures.append(detail)
 
 
 def _predict(client: httpx.Client, base: str, features: dict, record: Requests) -> None:
     start = time.perf_counter()
     try:
         response = client.post(f"{base}/v1/models/{MODEL}/predict", json={"features": features})
-    except httpx.TransportError:
-        record.failed += 1
+    except httpx.TransportError as exc:
+        record.fail(f"{type(exc).__name__}: {exc}")
         return
     elapsed = time.perf_counter() - start
-    if response.status_code == 404:
-        record.not_ready += 1  # No version of the model has been published yet.
+    if response.status_code in (404, 503) and not record.latencies_s:
+        # Before the first publish the model is unknown (404) or has only
+        # its version 0 without weights (503).
+        record.not_ready += 1
     elif response.status_code == 200:
         record.latencies_s.append(elapsed)
         record.versions.add(response.json()["version"])
     else:
-        record.failed += 1
+        record.fail(f"HTTP {response.status_code}: {response.text[:200]}")
 
 
 def _request_until_exit(base: str, worker: subprocess.Popen, samples: list[dict]) -> Requests:
@@ -216,5 +224,7 @@ def _report(store_url: str, rows: int, during: Requests, after: Requests, elapse
             f"p95 {_percentile(latencies, 0.95) * 1000:.2f} ms, "
             f"p99 {_percentile(latencies, 0.99) * 1000:.2f} ms"
         )
+    for failure in during.failures + after.failures:
+        lines.append(f"  failed request: {failure}")
     lines.append(f"  elapsed                      {elapsed_s:.1f} s")
     print("\n".join(lines))
