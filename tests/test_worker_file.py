@@ -1,0 +1,182 @@
+"""The worker loop on a file source with a real SQLite store: learning, rejections, resume."""
+
+import json
+import sqlite3
+import threading
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from modelstore import open_store
+from worker.loop import run
+from worker.settings import WorkerSettings
+
+SPEC = {
+    "estimator": "SGDClassifier",
+    "params": {"loss": "log_loss"},
+    "features": [
+        {"name": "x"},
+        {"name": "carrier", "type": "categorical", "vocabulary": ["AA", "UA"]},
+    ],
+    "labels": [0, 1],
+}
+
+
+def good(i):
+    return {"model": "delays", "features": {"x": float(i), "carrier": "UA" if i % 2 else "AA"}, "label": i % 2}
+
+
+# (line, rejection reason or None for a good record)
+MIXED = [
+    (json.dumps(good(0)).encode(), None),
+    (b"\xff\xfe\x00garb", "not_utf8"),
+    (json.dumps(good(1)).encode(), None),
+    (b"[1,2,3]", "not_object"),
+    (b'{"model":"delays","features":{"x":1.0,"carrier":"UA"}}', "missing_label"),
+    (json.dumps(good(2)).encode(), None),
+    (b'{"model":"delays","features":[1.0],"label":0}', "wrong_width"),
+    (b'{"model":"delays","features":{"x":NaN,"carrier":"UA"},"label":0}', "non_finite"),
+    (b'{"model":"delays","features":{"x":1.0,"carrier":"UA"},"label":5}', "unknown_label"),
+    (b'{"model":"nobody","features":{"x":1.0,"carrier":"UA"},"label":0}', "unknown_model"),
+    (json.dumps(good(3)).encode(), None),
+    (b'{"model":"delays","features":{"x":1.0,"carrier":"UA","gate":"B7"},"label":1}', None),
+]
+
+
+@pytest.fixture
+def store_url(tmp_path):
+    url = f"sqlite:///{tmp_path}/models.db"
+    with open_store(url) as store:
+        store.create_model("delays", SPEC)
+    return url
+
+
+def settings_for(path, store_url, **extra):
+    return WorkerSettings.from_mapping(
+        {"source": f"file:{path}", "store": store_url, "metrics_port": 0, **extra}
+    )
+
+
+def rejected(registry, reason):
+    return registry.get_sample_value("streamfit_worker_records_rejected_total", {"reason": reason}) or 0
+
+
+def test_file_mixed_stream(tmp_path, store_url):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(line for line, _ in MIXED) + b"\n")
+    registry = CollectorRegistry()
+
+    assert run(settings_for(path, store_url, batch_max_records=3), registry=registry) == 0
+
+    n_good = sum(1 for _, reason in MIXED if reason is None)
+    with open_store(store_url) as store:
+        info = store.version("delays")
+    assert info.samples_learned == n_good
+    assert info.offsets == {"file:mixed.jsonl/0": len(MIXED)}
+    for _, reason in MIXED:
+        if reason is not None:
+            assert rejected(registry, reason) == 1, reason
+    assert registry.get_sample_value("streamfit_worker_records_consumed_total") == len(MIXED)
+    assert registry.get_sample_value("streamfit_worker_records_learned_total", {"model": "delays"}) == n_good
+    assert registry.get_sample_value("streamfit_worker_extra_features_total") == 1
+    assert registry.get_sample_value("streamfit_worker_records_buffered") == 0
+
+
+def test_file_rerun_learns_nothing_twice(tmp_path, store_url):
+    path = tmp_path / "flights.jsonl"
+    path.write_text("".join(json.dumps(good(i)) + "\n" for i in range(10)))
+    assert run(settings_for(path, store_url, batch_max_records=4), registry=CollectorRegistry()) == 0
+    with open_store(store_url) as store:
+        first = store.version("delays")
+    assert first.samples_learned == 10
+
+    # A second run over the same file (a restart after a crash) skips every record.
+    registry = CollectorRegistry()
+    assert run(settings_for(path, store_url, batch_max_records=4), registry=registry) == 0
+    with open_store(store_url) as store:
+        second = store.version("delays")
+    assert second.version == first.version
+    assert second.samples_learned == 10
+    assert registry.get_sample_value("streamfit_worker_records_skipped_total") == 10
+
+    # Appended records are learned on the next run, the old ones still skipped.
+    with path.open("a") as f:
+        f.write("".join(json.dumps(good(i)) + "\n" for i in range(10, 13)))
+    assert run(settings_for(path, store_url), registry=CollectorRegistry()) == 0
+    with open_store(store_url) as store:
+        assert store.version("delays").samples_learned == 13
+
+
+def test_file_csv_with_forced_model(tmp_path, store_url):
+    path = tmp_path / "flights.csv"
+    path.write_text("x,carrier,label\n1.5,UA,1\n2,AA,0\n3,ZZ,1\n4,UA\n")
+    registry = CollectorRegistry()
+    assert run(settings_for(path, store_url, model="delays"), registry=registry) == 0
+    with open_store(store_url) as store:
+        assert store.version("delays").samples_learned == 2
+    assert rejected(registry, "unknown_category") == 1
+    assert rejected(registry, "wrong_width") == 1
+
+
+def test_file_creates_model_from_spec(tmp_path, store_url):
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(SPEC))
+    path = tmp_path / "new.jsonl"
+    rows = [{"features": {"x": i, "carrier": "AA"}, "label": i % 2} for i in range(5)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    settings = settings_for(path, store_url, model="fresh-model", model_spec=str(spec_path))
+    assert run(settings, registry=CollectorRegistry()) == 0
+    with open_store(store_url) as store:
+        info = store.version("fresh-model")
+    assert info.samples_learned == 5
+    assert info.spec["labels"] == [0, 1]
+
+
+def test_store_busy_backs_off_then_publishes(tmp_path, store_url):
+    path = tmp_path / "flights.jsonl"
+    path.write_text("".join(json.dumps(good(i)) + "\n" for i in range(10)))
+    db_path = store_url[len("sqlite:///"):]
+
+    # Another process holding SQLite's write lock makes publishes fail with
+    # StoreUnavailable once busy_timeout_ms has passed.
+    locker = sqlite3.connect(db_path, timeout=5, check_same_thread=False)
+    locker.execute("BEGIN IMMEDIATE")
+    release = threading.Timer(1.5, locker.rollback)
+    release.start()
+    registry = CollectorRegistry()
+    try:
+        settings = settings_for(path, store_url + "?busy_timeout_ms=100", batch_max_records=5)
+        assert run(settings, registry=registry) == 0
+    finally:
+        release.join()
+        locker.close()
+
+    assert registry.get_sample_value("streamfit_worker_store_retries_total") >= 1
+    with open_store(store_url) as store:
+        assert store.version("delays").samples_learned == 10
+
+
+def test_broken_model_does_not_stop_others(tmp_path, store_url):
+    with open_store(store_url) as store:
+        store.create_model("broken", SPEC)
+    # An invalid stored spec cannot be fixed by retrying.
+    db = sqlite3.connect(store_url[len("sqlite:///"):])
+    with db:
+        (text,) = db.execute("SELECT metadata FROM versions WHERE model = 'broken'").fetchone()
+        metadata = json.loads(text)
+        metadata["spec"]["estimator"] = "NoSuchEstimator"
+        db.execute("UPDATE versions SET metadata = ? WHERE model = 'broken'", (json.dumps(metadata),))
+    db.close()
+
+    path = tmp_path / "two.jsonl"
+    lines = []
+    for i in range(6):
+        lines.append(json.dumps(good(i)))
+        lines.append(json.dumps({**good(i), "model": "broken"}))
+    path.write_text("\n".join(lines) + "\n")
+    registry = CollectorRegistry()
+    assert run(settings_for(path, store_url), registry=registry) == 0
+
+    assert rejected(registry, "model_error") == 6
+    with open_store(store_url) as store:
+        assert store.version("delays").samples_learned == 6

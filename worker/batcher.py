@@ -1,0 +1,128 @@
+"""Per-model buffers of encoded records, flushed by size or by age."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BufferedRecord:
+    """One encoded record waiting for its model's next refit.
+
+    ``source`` is the raw record, kept only when rejected batches go to a
+    dead-letter topic.
+    """
+
+    row: np.ndarray
+    label: Any
+    position: tuple[str, int]
+    source: Any = None
+
+
+class _Buffer:
+    __slots__ = ("records", "oldest")
+
+    def __init__(self, oldest: float):
+        self.records: list[BufferedRecord] = []
+        self.oldest = oldest
+
+
+class Batcher:
+    """Buffers records per model until ``max_records`` or ``max_wait_ms`` is reached.
+
+    The age of a buffer is the time since its oldest record arrived, so a
+    slow model is refit at most ``max_wait_ms`` after its first record.
+    """
+
+    def __init__(
+        self,
+        max_records: int,
+        max_wait_ms: int,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.max_records = max_records
+        self.max_wait_s = max_wait_ms / 1000
+        self._clock = clock
+        self._buffers: dict[str, _Buffer] = {}
+
+    def __len__(self) -> int:
+        return sum(len(b.records) for b in self._buffers.values())
+
+    def models(self) -> list[str]:
+        return list(self._buffers)
+
+    def add(self, model: str, record: BufferedRecord) -> bool:
+        """Buffer ``record`` and return True when the model's buffer is full."""
+        buffer = self._buffers.get(model)
+        if buffer is None:
+            buffer = self._buffers[model] = _Buffer(self._clock())
+        buffer.records.append(record)
+        return len(buffer.records) >= self.max_records
+
+    def due(self) -> list[str]:
+        """Return the models whose buffer is full or older than ``max_wait_ms``, oldest first."""
+        now = self._clock()
+        ready = [
+            (buffer.oldest, model)
+            for model, buffer in self._buffers.items()
+            if len(buffer.records) >= self.max_records or now - buffer.oldest >= self.max_wait_s
+        ]
+        return [model for _, model in sorted(ready)]
+
+    def seconds_until_due(self) -> float | None:
+        """Return the time until the next buffer is due, 0 if one is due now, None if all are empty."""
+        if not self._buffers:
+            return None
+        now = self._clock()
+        waits = []
+        for buffer in self._buffers.values():
+            if len(buffer.records) >= self.max_records:
+                return 0.0
+            waits.append(buffer.oldest + self.max_wait_s - now)
+        return max(0.0, min(waits))
+
+    def take(self, model: str) -> list[BufferedRecord]:
+        """Remove and return the model's buffered records, at most ``max_records`` of them."""
+        buffer = self._buffers.get(model)
+        if buffer is None:
+            return []
+        taken = buffer.records[: self.max_records]
+        rest = buffer.records[self.max_records:]
+        if rest:
+            buffer.records = rest
+            # The rest keeps its age: it was waiting as long as the batch taken.
+        else:
+            del self._buffers[model]
+        return taken
+
+    def put_back(self, model: str, records: list[BufferedRecord]) -> None:
+        """Return records taken by ``take`` to the front of the model's buffer, due at once.
+
+        The caller decides when to retry (after a back-off), so the buffer
+        does not wait for ``max_wait_ms`` again.
+        """
+        if not records:
+            return
+        buffer = self._buffers.get(model)
+        if buffer is None:
+            buffer = self._buffers[model] = _Buffer(float("-inf"))
+        buffer.oldest = float("-inf")
+        buffer.records[:0] = records
+
+    def drop_partitions(self, partitions: Iterable[str]) -> int:
+        """Remove every buffered record of ``partitions`` and return how many were removed."""
+        names = set(partitions)
+        dropped = 0
+        for model in list(self._buffers):
+            buffer = self._buffers[model]
+            kept = [r for r in buffer.records if r.position[0] not in names]
+            dropped += len(buffer.records) - len(kept)
+            if kept:
+                buffer.records = kept
+            else:
+                del self._buffers[model]
+        return dropped

@@ -1,0 +1,92 @@
+"""Prometheus metrics of the worker, registered on a registry passed in.
+
+Labels stay bounded: ``model`` (the model name) and ``reason`` (a rejection
+code from ``worker.records`` or a publish check). Offsets, keys and ids are
+never labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Refits of large batches with ONNX export can take minutes, so the buckets
+# reach 10 minutes.
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+
+
+class WorkerMetrics:
+    """All ``streamfit_worker_*`` metrics of one worker process."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.registry = registry
+        p = "streamfit_worker_"
+        self.records_consumed = Counter(
+            p + "records_consumed", "Records read from the source.", registry=registry
+        )
+        self.records_learned = Counter(
+            p + "records_learned", "Records learned in a published version.", ["model"],
+            registry=registry,
+        )
+        self.records_rejected = Counter(
+            p + "records_rejected", "Records rejected, by reason.", ["reason"], registry=registry
+        )
+        self.records_skipped = Counter(
+            p + "records_skipped",
+            "Records skipped because the model's stored offsets show them already learned.",
+            registry=registry,
+        )
+        self.extra_features = Counter(
+            p + "extra_features",
+            "Feature keys that the model's schema does not know (ignored).",
+            registry=registry,
+        )
+        self.records_buffered = Gauge(
+            p + "records_buffered", "Records buffered and not yet published.", registry=registry
+        )
+        self.batch_size = Histogram(
+            p + "batch_size_records", "Records per refit batch.", buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.refit_duration = Histogram(
+            p + "refit_duration_seconds",
+            "Time of one refit: load, score, learn, export, check and publish.",
+            buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.publish_duration = Histogram(
+            p + "publish_duration_seconds",
+            "Time from taking a batch to its version being published, retries included.",
+            buckets=DURATION_BUCKETS, registry=registry,
+        )
+        self.latest_version = Gauge(
+            p + "latest_version", "Latest version this worker published.", ["model"],
+            registry=registry,
+        )
+        self.publish_conflicts = Counter(
+            p + "publish_conflicts", "Publishes that lost a compare-and-swap and were rebased.",
+            registry=registry,
+        )
+        self.publish_rejected = Counter(
+            p + "publish_rejected", "Versions that failed a publish check, by reason.", ["reason"],
+            registry=registry,
+        )
+        self.commit_failures = Counter(
+            p + "commit_failures", "Offset commits that failed (the stored offsets prevent relearning).",
+            registry=registry,
+        )
+        self.store_retries = Counter(
+            p + "store_retries", "Store operations retried after the store was unavailable.",
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            p + "dead_letters", "Rejected records sent to the dead-letter topic.", registry=registry
+        )
+        self.dead_letter_failures = Counter(
+            p + "dead_letter_failures", "Rejected records the dead-letter topic did not accept.",
+            registry=registry,
+        )
+
+
+def serve_metrics(registry: CollectorRegistry, port: int) -> None:
+    """Serve ``registry`` over HTTP on ``port`` (all interfaces) in a daemon thread."""
+    start_http_server(port, registry=registry)
