@@ -121,9 +121,13 @@ class CouchbaseStore(ModelStore):
             )
         publish_id, pointer_found = _versions.find_publish_id(self._documents, model, number, head)
         metadata = _versions.read_metadata(self._documents, model, publish_id, number)
-        if not pointer_found:
+        if not pointer_found and not self._publisher_may_be_running(head, number):
             self._repair_version(metadata)
         return VersionInfo(model, number, publish_id, metadata)
+
+    def _publisher_may_be_running(self, head: Head, number: int) -> bool:
+        grace_s = min(REPAIR_GRACE_S, self.settings.orphan_expiry_s / 4)
+        return number == head.latest and time.time() - head.updated_at < grace_s
 
     def _repair_version(self, metadata: Mapping[str, Any]) -> None:
         """Remove the expiry of a visible version whose publisher stopped before doing so."""
@@ -358,3 +362,10 @@ class CouchbaseStore(ModelStore):
 
     def _write_pointer(self, model: str, number: int, publish_id: str) -> None:
         _versions.write_pointer(self._documents, model, number, publish_id)
+
+
+# A publisher writes the version pointer right after its head write. Within
+# this many seconds of the head write (and well within the orphan expiry) a
+# missing pointer is the normal race with that publisher, not a publisher
+# that stopped, so readers leave the repair to it.
+REPAIR_GRACE_S = 60.0

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+from types import FrameType
 
 import uvicorn
 
@@ -40,8 +42,20 @@ def check_single_process(environ: os._Environ | dict[str, str] = os.environ) -> 
         )
 
 
-def run(settings: PredictorSettings) -> None:
-    """Serve until SIGINT or SIGTERM."""
+class _Server(uvicorn.Server):
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        super().handle_exit(sig, frame)
+        # uvicorn 0.29+ raises a captured signal again after its graceful
+        # shutdown, so SIGTERM would end the process as killed (-15). A
+        # graceful stop on SIGTERM exits 0, like the worker.
+        # NOTE: _captured_signals is private to uvicorn (checked on 0.55).
+        captured = getattr(self, "_captured_signals", None)
+        if sig == signal.SIGTERM and captured and captured[-1] == sig:
+            captured.pop()
+
+
+def run(settings: PredictorSettings) -> int:
+    """Serve until SIGINT or SIGTERM; return 0 after a graceful stop."""
     check_single_process()
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,4 +76,5 @@ def run(settings: PredictorSettings) -> None:
         access_log=False,
         log_config=None,
     )
-    uvicorn.Server(config).run()
+    _Server(config).run()
+    return 0

@@ -77,11 +77,11 @@ def main(argv: list[str]) -> int:
 
 
 def _start(args: list[str], log_path: Path) -> subprocess.Popen:
-    log = log_path.open("wb")
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamfit.cli", *args],
-        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-    )
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamfit.cli", *args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
 
 
 def _stop(process: subprocess.Popen) -> None:

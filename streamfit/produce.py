@@ -34,12 +34,11 @@ def produce_file(
     if not file.is_file():
         raise ConfigError(f"input file {path!r} not found")
 
-    producer = KafkaProducer(
-        bootstrap_servers=bootstrap_servers.split(","),
-        acks="all",
-        linger_ms=20,
-        batch_size=256 * 1024,
-    )
+    # The default 16 KiB batches keep each partition's records in small
+    # record batches, as a live feed would produce them; a consumer then
+    # interleaves partitions finely instead of returning thousands of one
+    # partition's records before the next.
+    producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), acks="all", linger_ms=5)
     sent = 0
     try:
         for key, value in _messages(file, key_field):

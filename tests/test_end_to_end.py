@@ -25,7 +25,7 @@ from modelstore import open_store
 from streamfit.flights import read_flights, write_json_lines
 from streamfit.produce import produce_file
 
-RECORDS = 20_000
+RECORDS = 100_000
 MODEL = "flights"
 LEARN_TIMEOUT_S = 600
 
@@ -37,10 +37,11 @@ def _free_port() -> int:
 
 
 def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "streamfit.cli", *args],
-        stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-    )
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "streamfit.cli", *args],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
 
 
 def _stop(process: subprocess.Popen) -> int:
@@ -102,7 +103,7 @@ def test_flights_learned_and_served(kafka_server, kafka_topic, couchbase_store_u
     worker = _start([
         "worker", "--source", f"kafka://{kafka_server.bootstrap}/{topic}",
         "--store", couchbase_store_url, "--group-id", group, "--model", MODEL,
-        "--model-spec", str(spec), "--batch-max-records", "1000", "--metrics-port", "0",
+        "--model-spec", str(spec), "--batch-max-records", "100", "--metrics-port", "0",
     ], worker_log, env)
     predictor = _start([
         "predictor", "--store", couchbase_store_url, "--host", "127.0.0.1", "--port", str(port),
