@@ -79,6 +79,7 @@ def test_bad_bytes_stream_good_records():
         (b'{"features":{"x":Infinity},"label":0}', "non_finite"),
         (b'{"features":{"x":-Infinity},"label":0}', "non_finite"),
         (b'{"features":{"x":1e400},"label":0}', "non_finite"),
+        (b'{"features":{"x":' + b"1" * 5000 + b'},"label":0}', "non_finite"),
         (b'"text"', "not_object"),
         (b"42", "not_object"),
         (b"null", "not_object"),

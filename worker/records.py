@@ -107,6 +107,10 @@ def parse_value(value: bytes | None, max_record_bytes: int) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise RecordRejected("invalid_json", "the value nests arrays or objects too deeply") from None
+    except ValueError as err:
+        # int() refuses integers of more than 4300 digits (CPython's limit
+        # against quadratic parsing); such a number is far outside float32.
+        raise RecordRejected("non_finite", f"the value contains a number that is too long: {str(err)[:80]}") from None
 
     if not isinstance(obj, dict):
         raise RecordRejected(
