@@ -31,7 +31,10 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="streamfit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=".work/demo", help="folder for the data file and the store")
     parser.add_argument("--rows", type=int, default=100_000, help="flights to stream, in time order")
-    parser.add_argument("--batch-max-records", type=int, default=1000, help="records per refit")
+    parser.add_argument(
+        "--batch-max-records", type=int, default=100,
+        help="records per refit; small batches let the model follow the drifting delay rate",
+    )
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir).resolve()
