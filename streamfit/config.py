@@ -13,39 +13,41 @@ in process listings or shell history.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from modelstore.errors import ConfigError
 
 ENV_PREFIX = "STREAMFIT_"
+CONFIG_SECTIONS = ("worker", "predictor")
 
 
 def merge_settings(
     section: str,
-    keys: Iterable[str],
+    defaults: Mapping[str, Any],
     flags: Mapping[str, Any],
     environ: Mapping[str, str] | None = None,
     config_file: str | None = None,
 ) -> dict[str, Any]:
-    """Merge the three layers for the settings ``keys`` of one command.
+    """Merge the three layers for the settings of one command.
 
-    ``flags`` holds the parsed flags, None for a flag not given. Environment
-    values are strings; the settings class converts and validates them.
+    ``defaults`` maps each setting to its default, which gives the type an
+    environment value is converted to. ``flags`` holds the parsed flags,
+    None for a flag not given.
     """
     environ = os.environ if environ is None else environ
-    keys = list(keys)
     merged: dict[str, Any] = {}
 
     if config_file:
         merged.update(_read_toml_section(config_file, section))
 
-    for key in keys:
-        value = environ.get(ENV_PREFIX + key.upper())
-        if value is not None:
-            merged[key] = value
+    for key, default in defaults.items():
+        name = ENV_PREFIX + key.upper()
+        if name in environ:
+            merged[key] = _from_env(name, environ[name], default)
 
     for key, value in flags.items():
         if value is not None:
@@ -62,6 +64,12 @@ def _read_toml_section(path: str, section: str) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
 
+    unknown = sorted(set(data) - set(CONFIG_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"config file {path!r}: unknown tables or keys {unknown}; settings go in "
+            f"the tables {', '.join(f'[{s}]' for s in CONFIG_SECTIONS)}"
+        )
     table = data.get(section, {})
     if not isinstance(table, dict):
         raise ConfigError(
@@ -70,33 +78,33 @@ def _read_toml_section(path: str, section: str) -> dict[str, Any]:
     return dict(table)
 
 
-def coerce_strings(defaults: Mapping[str, Any], merged: Mapping[str, Any]) -> dict[str, Any]:
-    """Convert string values (from the environment) to the type of each setting's default.
+def _from_env(name: str, value: str, default: Any) -> Any:
+    """Convert one variable's text to the type of the setting's default.
 
     Settings whose default is None or a string stay strings; the settings
     class validates them.
     """
-    out = dict(merged)
-    for key, value in merged.items():
-        if not isinstance(value, str) or key not in defaults:
-            continue
-        default = defaults[key]
-        try:
-            if isinstance(default, bool):
-                out[key] = _parse_bool(key, value)
-            elif isinstance(default, int):
-                out[key] = int(value)
-            elif isinstance(default, float):
-                out[key] = float(value)
-        except ValueError:
-            raise ConfigError(
-                f"{ENV_PREFIX}{key.upper()}={value!r} is invalid: expected "
-                f"{type(default).__name__}, like the default {default!r}"
-            ) from None
-    return out
+    try:
+        if isinstance(default, bool):
+            return _parse_bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, dict):
+            parsed = json.loads(value)
+            if not isinstance(parsed, dict):
+                raise ValueError(value)
+            return parsed
+    except ValueError:
+        expected = "a JSON object" if isinstance(default, dict) else type(default).__name__
+        raise ConfigError(
+            f"{name}={value[:80]!r} is invalid: expected {expected}, like the default {default!r}"
+        ) from None
+    return value
 
 
-def _parse_bool(key: str, value: str) -> bool:
+def _parse_bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True

@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from kafka import KafkaProducer
+from kafka import KafkaAdminClient, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import KafkaTimeoutError, TopicAlreadyExistsError
 
 from modelstore.errors import ConfigError
 
@@ -22,6 +24,8 @@ def produce_file(
     *,
     key_field: str | None = "id",
     limit: int | None = None,
+    partitions: int | None = None,
+    replication_factor: int = 1,
 ) -> int:
     """Send each record of a JSON-lines or CSV file to ``topic``; return the count.
 
@@ -29,16 +33,22 @@ def produce_file(
     so a bad line reaches the worker and is rejected there with a reason.
     A CSV row becomes ``{"features": {...}, "label": ...}`` with the
     ``label`` column as the label. The key is the record's ``key_field``.
+    With ``partitions``, the topic is created with that many partitions when
+    it does not exist.
     """
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"input file {path!r} not found")
+    if partitions is not None:
+        create_topic(bootstrap_servers, topic, partitions, replication_factor)
 
     # The default 16 KiB batches keep each partition's records in small
     # record batches, as a live feed would produce them; a consumer then
     # interleaves partitions finely instead of returning thousands of one
     # partition's records before the next.
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers.split(","), acks="all", linger_ms=5)
+    producer = KafkaProducer(
+        bootstrap_servers=bootstrap_servers.split(","), acks="all", linger_ms=5, max_block_ms=15_000
+    )
     sent = 0
     try:
         for key, value in _messages(file, key_field):
@@ -47,10 +57,33 @@ def produce_file(
             producer.send(topic, key=key, value=value)
             sent += 1
         producer.flush()
+    except KafkaTimeoutError:
+        raise ConfigError(
+            f"topic {topic!r} not found on {bootstrap_servers} within 15 s; create it, "
+            "for example with --partitions 3, or check the bootstrap servers"
+        ) from None
     finally:
         producer.close()
     log.info("sent %s records from %s to topic %s", sent, path, topic)
     return sent
+
+
+def create_topic(bootstrap_servers: str, topic: str, partitions: int, replication_factor: int = 1) -> bool:
+    """Create ``topic``; return False if it already exists."""
+    if partitions < 1 or replication_factor < 1:
+        raise ConfigError(
+            f"invalid partitions {partitions} or replication factor {replication_factor}: "
+            "expected 1 or more"
+        )
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers.split(","))
+    try:
+        admin.create_topics([NewTopic(topic, partitions, replication_factor)])
+    except TopicAlreadyExistsError:
+        return False
+    finally:
+        admin.close()
+    log.info("created topic %s with %s partitions", topic, partitions)
+    return True
 
 
 def _messages(file: Path, key_field: str | None) -> Iterator[tuple[bytes | None, bytes]]:
