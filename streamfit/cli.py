@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 from typing import Any, Callable, Sequence
@@ -27,6 +26,7 @@ COMMANDS = {
     "flights": "write the NYC flights 2013 data as labelled JSON lines",
     "models": "list, show or create models in a store",
     "demo": "run the worker and the predictor on the flights data and print a report",
+    "train": "learn a model from a CSV or JSON-lines file and publish its first version",
 }
 
 
@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "flights": _run_flights,
         "models": _run_models,
         "demo": _run_demo,
+        "train": _run_train,
     }
     try:
         return handlers[command](rest)
@@ -84,17 +85,16 @@ def _settings_parser(command: str, settings_cls: type) -> argparse.ArgumentParse
             continue  # Nested options come from the TOML file or a JSON variable only.
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "")
-        if isinstance(default, bool):
+        if isinstance(default, bool) or field.type in ("bool | None", "Optional[bool]"):
             parser.add_argument(
                 flag, dest=field.name, default=None,
                 action=argparse.BooleanOptionalAction, help=help_text,
             )
             continue
         kind = type(default) if isinstance(default, (int, float)) else str
-        parser.add_argument(
-            flag, dest=field.name, default=None, type=kind,
-            help=f"{help_text} (default: {default!r})" if help_text else f"default: {default!r}",
-        )
+        if "default" not in help_text:
+            help_text = f"{help_text} (default: {default!r})".lstrip()
+        parser.add_argument(flag, dest=field.name, default=None, type=kind, help=help_text)
     return parser
 
 
@@ -107,28 +107,15 @@ def _field_default(field: dataclasses.Field) -> Any:
 
 
 def _load_settings(command: str, settings_cls: type, argv: list[str]) -> tuple[Any, str]:
-    from streamfit.config import coerce_strings, merge_settings
+    from streamfit.config import merge_settings
 
     parser = _settings_parser(command, settings_cls)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
     log_level = args.pop("log_level")
-    keys = [f.name for f in dataclasses.fields(settings_cls)]
     defaults = {f.name: _field_default(f) for f in dataclasses.fields(settings_cls)}
-    merged = merge_settings(command, keys, args, config_file=config_file)
-    for key, value in list(merged.items()):
-        if isinstance(defaults.get(key), dict) and isinstance(value, str):
-            merged[key] = _parse_json_setting(key, value)
-    return settings_cls.from_mapping(coerce_strings(defaults, merged)), log_level
-
-
-def _parse_json_setting(key: str, value: str) -> Any:
-    from modelstore.errors import ConfigError
-
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"setting {key} must be a JSON object, got {value[:80]!r}: {exc}") from None
+    merged = merge_settings(command, defaults, args, config_file=config_file)
+    return settings_cls.from_mapping(merged), log_level
 
 
 def _run_worker(argv: list[str]) -> int:
@@ -159,6 +146,10 @@ def _run_produce(argv: list[str]) -> int:
     parser.add_argument("--key-field", default="id",
                         help="record field used as the message key (default: id); '' sends no key")
     parser.add_argument("--limit", type=int, default=None, help="send at most this many records")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="create the topic with this many partitions if it does not exist")
+    parser.add_argument("--replication-factor", type=int, default=1,
+                        help="replication factor of a topic created with --partitions (default: 1)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     _configure_logging(args.log_level)
@@ -166,7 +157,8 @@ def _run_produce(argv: list[str]) -> int:
 
     sent = produce_file(
         args.file, args.topic, args.bootstrap_servers,
-        key_field=args.key_field or None, limit=args.limit,
+        key_field=args.key_field or None, limit=args.limit, partitions=args.partitions,
+        replication_factor=args.replication_factor,
     )
     print(f"sent {sent} records to {args.topic}")
     return 0
@@ -196,6 +188,12 @@ def _run_demo(argv: list[str]) -> int:
     from streamfit.demo import main as demo_main
 
     return demo_main(argv)
+
+
+def _run_train(argv: list[str]) -> int:
+    from streamfit.train import main as train_main
+
+    return train_main(argv)
 
 
 if __name__ == "__main__":

@@ -179,3 +179,75 @@ def test_probe_rows_fixed():
     assert first.shape == (6, 5)
     assert np.array_equal(first, second)
     assert np.abs(first).max() == 1e3
+
+
+@pytest.mark.parametrize("estimator, params", [
+    ("Perceptron", {}),
+    ("PassiveAggressiveClassifier", {}),
+])
+def test_export_linear_classifiers_without_probabilities(estimator, params):
+    spec = ModelSpec.from_dict({"estimator": estimator, "params": params,
+                                "features": [{"name": "f0"}, {"name": "f1"}], "labels": [0, 1]})
+    learner = Learner(spec).learn(X_LINE, Y_LINE)
+    onnx_bytes, meta = export_onnx(learner)
+    outputs = run_onnx(onnx_bytes, X_LINE)
+    assert meta["outputs"] == {"label": "label", "scores": "scores"}
+    assert "probabilities" not in outputs
+    with pytest.raises(AttributeError, match=f"predict_proba is not available for {estimator}"):
+        learner.predict_proba(X_LINE)
+    margin = learner.decision_function(X_LINE)
+    np.testing.assert_allclose(outputs["scores"][:, 1], margin, rtol=1e-5, atol=1e-4)
+    assert outputs["label"].tolist() == learner.predict(X_LINE).tolist()
+
+
+@pytest.mark.parametrize("estimator, scaler", [
+    ("MultinomialNB", "MinMaxScaler"), ("BernoulliNB", "StandardScaler"),
+    ("GaussianNB", "StandardScaler"), ("MLPClassifier", "StandardScaler"),
+])
+def test_export_probability_models(estimator, scaler):
+    spec = ModelSpec.from_dict({"estimator": estimator, "scaler": scaler,
+                                "features": [{"name": "f0"}, {"name": "f1"}], "labels": [0, 1]})
+    learner = Learner(spec).learn(X_LINE, Y_LINE)
+    onnx_bytes, meta = export_onnx(learner)
+    outputs = run_onnx(onnx_bytes, X_LINE)
+    assert meta["outputs"] == {"label": "label", "probabilities": "probabilities"}
+    np.testing.assert_allclose(outputs["probabilities"], learner.predict_proba(X_LINE), atol=1e-5)
+
+
+def test_export_regressors_and_clusters():
+    X = np.random.RandomState(0).normal(size=(50, 2)).astype(np.float32)
+    mlp = ModelSpec.from_dict({"estimator": "MLPRegressor", "params": {"hidden_layer_sizes": [4]},
+                               "features": [{"name": "f0"}, {"name": "f1"}]})
+    learner = Learner(mlp).learn(X, X[:, 0])
+    outputs = run_onnx(export_onnx(learner)[0], X)
+    np.testing.assert_allclose(outputs["value"][:, 0], learner.predict(X), rtol=1e-4, atol=1e-4)
+
+    kmeans = ModelSpec.from_dict({"estimator": "MiniBatchKMeans", "params": {"n_clusters": 3},
+                                  "features": [{"name": "f0"}, {"name": "f1"}]})
+    learner = Learner(kmeans).learn(X)
+    onnx_bytes, meta = export_onnx(learner)
+    outputs = run_onnx(onnx_bytes, X)
+    assert meta["outputs"] == {"cluster": "cluster", "distances": "distances"}
+    assert "classes" not in meta
+    assert outputs["cluster"].tolist() == learner.predict(X).tolist()
+    np.testing.assert_allclose(outputs["distances"], learner.distances(X), rtol=1e-4, atol=1e-4)
+
+
+def test_export_opsets_pinned_by_spec():
+    spec = ModelSpec.from_dict({"estimator": "SGDClassifier", "params": {"loss": "log_loss"},
+                                "features": [{"name": "f0"}, {"name": "f1"}], "labels": [0, 1],
+                                "onnx": {"target_opset": 13, "ml_opset": 1}})
+    learner = Learner(spec).learn(X_LINE, Y_LINE)
+    onnx_bytes, meta = export_onnx(learner)
+    imports = {entry.domain or "ai.onnx": entry.version
+               for entry in onnx.load_from_string(onnx_bytes).opset_import}
+    assert imports["ai.onnx"] <= 13
+    assert meta["opset"] == dict(sorted(imports.items()))
+    assert meta["target_opset"] == {"ai.onnx": 13, "ai.onnx.ml": 1}
+
+
+def test_export_equal_weights_equal_bytes():
+    spec = spec_for({"loss": "hinge"})
+    first = export_onnx(Learner(spec).learn(X_LINE, Y_LINE))[0]
+    second = export_onnx(Learner(spec).learn(X_LINE, Y_LINE))[0]
+    assert first == second

@@ -2,6 +2,7 @@
 
 import io
 import json
+import warnings
 import zipfile
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_learner_probabilities_only_for_probability_losses(config):
         assert proba.shape == (60, 2)
         assert np.allclose(proba.sum(axis=1), 1.0)
     else:
-        with pytest.raises(AttributeError, match="predict_proba is not available for loss="):
+        with pytest.raises(AttributeError, match=r"predict_proba is not available for SGDClassifier\(loss="):
             learner.predict_proba(X)
 
 
@@ -158,8 +159,9 @@ def test_learner_predict_before_learning():
         Learner(make_spec("log_loss")).predict(np.zeros((1, 3)))
 
 
-def test_learner_constant_feature_keeps_scaler_finite():
-    spec = make_spec("log_loss")
+@pytest.mark.parametrize("scaler", ["StandardScaler", "MinMaxScaler", "MaxAbsScaler"])
+def test_learner_constant_feature_keeps_scaler_finite(scaler):
+    spec = make_spec("log_loss", scaler=scaler)
     learner = Learner(spec)
     rng = np.random.RandomState(0)
     for batch in range(5):
@@ -167,8 +169,9 @@ def test_learner_constant_feature_keeps_scaler_finite():
         X[:, 1] = 0.0  # never varies in these batches
         X[:, 2] = 1.0 + rng.uniform(size=30) * 1e-12  # differs only by rounding
         learner.learn(X, np.where(X[:, 0] > 0, "yes", "no").astype(object))
-        for name in ("mean_", "var_", "scale_"):
-            assert np.isfinite(getattr(learner.scaler_, name)).all(), (batch, name)
+        for name in ("mean_", "var_", "scale_", "min_", "max_abs_"):
+            if hasattr(learner.scaler_, name):
+                assert np.isfinite(getattr(learner.scaler_, name)).all(), (batch, name)
     X[:, 1] = 1.0  # the flag switches on
     learner.learn(X, np.where(X[:, 0] > 0, "yes", "no").astype(object))
     assert np.isfinite(learner.scaler_.scale_).all()
@@ -247,3 +250,56 @@ def test_state_declares_only_trusted_types():
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         assert "schema.json" in archive.namelist()
         assert "pickle" not in json.dumps(json.loads(archive.read("schema.json"))).lower()
+
+
+@pytest.mark.parametrize("estimator, sgd_params", [
+    ("PassiveAggressiveClassifier", {"C": 0.5, "loss": "squared_hinge"}),
+    ("PassiveAggressiveRegressor", {"C": 0.5, "loss": "epsilon_insensitive", "epsilon": 0.2}),
+])
+def test_passive_aggressive_matches_deprecated_class(estimator, sgd_params):
+    # scikit-learn 1.8 deprecates these classes and 1.10 removes them.
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    deprecated_class = getattr(linear_model, estimator, None)
+    if deprecated_class is None:
+        pytest.skip(f"scikit-learn no longer has {estimator}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        deprecated = deprecated_class(random_state=0, **sgd_params)
+    raw = {"estimator": estimator, "params": sgd_params, "scaler": None, "features": FEATURES}
+    if estimator.endswith("Classifier"):
+        raw["labels"] = [0, 1]
+    learner = Learner(ModelSpec.from_dict(raw))
+    rng = np.random.RandomState(0)
+    for _ in range(4):
+        X = rng.normal(size=(30, 3))
+        if estimator.endswith("Classifier"):
+            y = (X[:, 0] > 0).astype(int)
+            deprecated.partial_fit(X, y, classes=[0, 1])
+        else:
+            y = 2.0 * X[:, 0]
+            deprecated.partial_fit(X, y)
+        learner.learn(X, y)
+    assert np.array_equal(learner.estimator_.coef_, deprecated.coef_)
+    assert np.array_equal(learner.estimator_.intercept_, deprecated.intercept_)
+
+
+def test_state_keeps_mlp_loss_history_bounded():
+    raw = {"estimator": "MLPRegressor", "params": {"hidden_layer_sizes": [3]}, "features": FEATURES}
+    spec = ModelSpec.from_dict(raw)
+    learner = Learner(spec)
+    for seed in range(5):
+        X = np.random.RandomState(seed).normal(size=(20, 3))
+        learner.learn(X, X[:, 0])
+    assert len(learner.estimator_.loss_curve_) == 5
+    restored = load_state(dump_state(learner), spec)
+    assert restored.estimator_.loss_curve_ == learner.estimator_.loss_curve_[-1:]
+    assert len(learner.estimator_.loss_curve_) == 5  # the live learner keeps its history
+
+
+def test_state_rejects_scaler_of_other_width():
+    spec = make_spec("log_loss")
+    numeric_only = ModelSpec.from_dict(dict(spec.to_dict(), scaler_columns="all",
+                                            features=FEATURES[:2]))
+    data = dump_state(Learner(numeric_only).learn(np.zeros((4, 2)), ["no", "yes"] * 2))
+    with pytest.raises(ArtifactCorrupt, match=r"scaler of 2 columns, the spec scales 3"):
+        load_state(data, spec)

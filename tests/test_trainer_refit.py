@@ -339,3 +339,118 @@ def test_refit_undeclared_label_raises_before_publish(store):
 def test_batch_lengths_must_match():
     with pytest.raises(ValueError, match="batch has 2 rows in X, 1 labels and 2 positions"):
         Batch(X=np.zeros((2, 2)), y=np.zeros(1), positions=[("t/0", 0), ("t/0", 1)])
+
+
+def test_refit_rewrites_cached_graph(store):
+    store.create_model("m", CLASSIFIER)
+    trainer = Trainer(store)
+    first = trainer.refit("m", make_batch(50, seed=1))
+    second = trainer.refit("m", make_batch(50, start=50, seed=2))
+    assert first.version.metadata["onnx"]["export_method"] == "convert"
+    assert second.version.metadata["onnx"]["export_method"] == "rewrite"
+
+    # A fresh trainer has no cached graph and converts again, to the same bytes.
+    store.create_model("m2", CLASSIFIER)
+    fresh = Trainer(store)
+    fresh.refit("m2", make_batch(50, seed=1))
+    Trainer(store).refit("m2", make_batch(50, start=50, seed=2))
+    rewritten = store.artifact(store.version("m"), ONNX)
+    converted_info = store.version("m2")
+    assert converted_info.metadata["onnx"]["export_method"] == "convert"
+    assert store.artifact(converted_info, ONNX) == rewritten
+
+
+def test_refit_records_pinned_opsets(store):
+    store.create_model("m", dict(CLASSIFIER, onnx={"target_opset": 15, "ml_opset": 1}))
+    meta = Trainer(store).refit("m", make_batch(40)).version.metadata["onnx"]
+    assert meta["target_opset"] == {"ai.onnx": 15, "ai.onnx.ml": 1}
+    assert meta["opset"]["ai.onnx"] <= 15
+    assert meta["opset"]["ai.onnx.ml"] <= 1
+    session = ort.InferenceSession(store.artifact(store.version("m"), ONNX),
+                                   providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["label", "probabilities"]
+
+
+def gated_batch(n, start, *, flip):
+    batch = make_batch(n, start=start, seed=start)
+    if flip:
+        # The first 80 % of the batch teaches the opposite rule; the held-out tail does not.
+        cut = int(n * 0.8)
+        batch.y[:cut] = 1 - batch.y[:cut]
+    return batch
+
+
+def test_refit_metric_gate_rejects_regression(store):
+    spec = dict(CLASSIFIER, params={"loss": "log_loss", "learning_rate": "constant", "eta0": 0.1},
+                gate={"max_accuracy_drop": 0.1, "holdout_fraction": 0.2, "min_holdout_rows": 20})
+    store.create_model("m", spec)
+    trainer = Trainer(store)
+    for i in range(3):
+        trainer.refit("m", gated_batch(200, 200 * i, flip=False))
+    passed = store.version("m").metadata["gate"]
+    assert passed["metric"] == "accuracy"
+    assert passed["holdout_rows"] == 40
+    assert passed["candidate"] >= passed["current"] - 0.1
+    head = store.head("m")
+
+    with pytest.raises(PublishRejected, match=r"candidate has accuracy .* on 40 held-out rows of "
+                       r"the batch, the current version .*; max_accuracy_drop is 0\.1") as caught:
+        trainer.refit("m", gated_batch(200, 600, flip=True))
+    assert caught.value.reason == "metric_regression"
+    assert store.head("m").latest_id == head.latest_id
+
+
+def test_refit_metric_gate_skips_small_batches(store):
+    spec = dict(CLASSIFIER, gate={"max_accuracy_drop": 0.0, "min_holdout_rows": 50})
+    store.create_model("m", spec)
+    trainer = Trainer(store)
+    trainer.refit("m", make_batch(100))
+    result = trainer.refit("m", make_batch(100, start=100, seed=3))
+    assert "gate" not in result.version.metadata
+
+
+def test_refit_clustering(store):
+    spec = {"estimator": "MiniBatchKMeans", "params": {"n_clusters": 2}, "features": FEATURES}
+    store.create_model("k", spec)
+    trainer = Trainer(store)
+    rng = np.random.RandomState(0)
+    for i in range(2):
+        X = np.vstack([rng.normal(size=(20, 2)) + 5, rng.normal(size=(20, 2)) - 5]).astype(np.float32)
+        batch = Batch(X=X, y=np.zeros(40), positions=[("t/0", 40 * i + j) for j in range(40)])
+        trainer.refit("k", batch)
+    meta = store.version("k").metadata
+    assert meta["task"] == "clustering"
+    assert meta["onnx"]["outputs"] == {"cluster": "cluster", "distances": "distances"}
+    assert meta["metrics"]["n_scored"] == 40
+    assert 0 < meta["metrics"]["mean_sq_distance"] < 10
+    session = ort.InferenceSession(store.artifact(store.version("k"), ONNX),
+                                   providers=["CPUExecutionProvider"])
+    cluster, distances = session.run(None, {"features": np.array([[5, 5], [-5, -5]], np.float32)})
+    assert cluster[0] != cluster[1]
+    assert distances.shape == (2, 2)
+
+
+def test_refit_kmeans_first_batch_too_small(store):
+    spec = {"estimator": "MiniBatchKMeans", "params": {"n_clusters": 8}, "features": FEATURES}
+    store.create_model("k", spec)
+    batch = Batch(X=np.zeros((5, 2), np.float32), y=np.zeros(5), positions=[("t/0", i) for i in range(5)])
+    with pytest.raises(PublishRejected, match=r"first batch, which has only 5 rows; send batches "
+                       r"of at least 8 records") as caught:
+        Trainer(store).refit("k", batch)
+    assert caught.value.reason == "too_few_rows"
+    assert store.head("k").latest == 0
+
+
+def test_refit_negative_counts_rejected(store):
+    spec = {"estimator": "MultinomialNB", "params": {}, "scaler": None, "features": FEATURES,
+            "labels": [0, 1]}
+    store.create_model("nb", spec)
+    batch = make_batch(20)
+    with pytest.raises(PublishRejected, match=r"MultinomialNB takes non-negative counts, but .* "
+                       r"rows of this batch .* have negative values after scaling; use scaler "
+                       r"MinMaxScaler") as caught:
+        Trainer(store).refit("nb", batch)
+    assert caught.value.reason == "negative_input"
+    assert store.head("nb").latest == 0
+    batch.X = np.abs(batch.X)
+    assert Trainer(store).refit("nb", batch).version.version == 1

@@ -6,15 +6,17 @@ never guesses them from the graph. The input is one float32 tensor named
 FeatureSchema. Outputs:
 
 - ``label``: (n,) int64 or string, the predicted class (classifiers).
-- ``probabilities``: (n, n_classes) float32, only for the losses
-  ``log_loss`` and ``modified_huber``, for which scikit-learn defines
-  ``predict_proba``.
-- ``scores``: (n, n_classes) float32 for every other classifier loss.
-  skl2onnx 1.20 names this output ``probabilities`` although it contains the
-  raw ``decision_function`` margins, so it is renamed: a hinge or perceptron
-  margin is not a probability. For two classes column 1 is the
-  decision_function value and column 0 its negation.
+- ``probabilities``: (n, n_classes) float32, only for estimators that
+  define ``predict_proba``: the losses ``log_loss`` and ``modified_huber``,
+  the naive Bayes models and MLPClassifier.
+- ``scores``: (n, n_classes) float32 for every other classifier: the
+  ``decision_function`` margins. skl2onnx 1.20 names this output
+  ``probabilities``, so it is renamed: a hinge or perceptron margin is not a
+  probability. For two classes column 1 is the decision_function value and
+  column 0 its negation.
 - ``value``: (n, 1) float32, the prediction of a regressor.
+- ``cluster``: (n,) int64 and ``distances``: (n, n_clusters) float32, the
+  nearest center and the Euclidean distance to each center (clustering).
 
 Columns of ``probabilities`` and ``scores`` follow ``classes``, which is
 scikit-learn's sorted class order and can differ from the order of the
@@ -36,58 +38,81 @@ from skl2onnx.common.data_types import FloatTensorType, Int64TensorType, StringT
 from sklearn.pipeline import Pipeline
 
 from trainer.learner import Learner
+from trainer.spec import OnnxSettings
 
 INPUT_NAME = "features"
 
-# Opsets the exported graphs may use. onnxruntime 1.14 and later run ONNX
-# opset 18 and ai.onnx.ml 3; skl2onnx emits lower versions when an operator
-# needs nothing newer. The opsets a graph really imports go into metadata.
-TARGET_OPSET = {"": 18, "ai.onnx.ml": 3}
+# Default opsets (the spec's ``onnx`` settings pin them per model).
+# onnxruntime 1.14 and later run ONNX opset 18 and ai.onnx.ml 3; skl2onnx
+# emits lower versions when an operator needs nothing newer. The opsets a
+# graph really imports go into metadata next to the pinned targets.
+TARGET_OPSET = OnnxSettings().opsets()
 
 
 def export_onnx(learner: Learner) -> tuple[bytes, dict[str, Any]]:
     """Convert a fitted learner to ONNX; return the model bytes and its metadata."""
+    proto = convert(learner)
+    return proto.SerializeToString(), onnx_metadata(learner, proto)
+
+
+def convert(learner: Learner) -> ModelProto:
+    """Convert a fitted learner with skl2onnx, with the output names listed above."""
     spec = learner.spec
-    width = spec.schema.width
     estimator = learner.estimator_
-    if learner.scaler_ is not None:
-        model = Pipeline([("scaler", learner.scaler_), ("estimator", estimator)])
+    scaler = learner.export_scaler()
+    if scaler is not None:
+        model = Pipeline([("scaler", scaler), ("estimator", estimator)])
     else:
         model = estimator
 
-    outputs: dict[str, str] = {}
-    options = None
+    final_types = output_types(learner)
+    # Without zipmap=False skl2onnx returns probabilities as a list of
+    # dictionaries (ZipMap), which is slow and awkward to serve.
+    options = {id(estimator): {"zipmap": False}} if spec.is_classifier else None
+    # skl2onnx takes log(0) for the prior of a class not seen yet. The -inf
+    # it writes is intended, and the gate checks what the graph returns.
+    with np.errstate(divide="ignore"):
+        proto = convert_sklearn(
+            model,
+            initial_types=[(INPUT_NAME, FloatTensorType([None, spec.schema.width]))],
+            final_types=final_types,
+            options=options,
+            target_opset=spec.onnx.opsets(),
+        )
+    _check_output_names(proto, [name for name, _ in final_types])
+    # skl2onnx names the graph with a random UUID; a fixed name makes equal
+    # weights give equal bytes, and so equal sha256 sums in the store.
+    proto.graph.name = spec.estimator
+    return proto
+
+
+def output_types(learner: Learner) -> list[tuple[str, Any]]:
+    """Return the graph's outputs as (name, skl2onnx type), in skl2onnx's order."""
+    spec = learner.spec
     if spec.is_classifier:
-        n_classes = len(estimator.classes_)
+        n_classes = len(learner.estimator_.classes_)
         label_type = Int64TensorType([None]) if spec.labels.kind == "int" else StringTensorType([None])
         second = "probabilities" if learner.has_probabilities else "scores"
-        final_types = [("label", label_type), (second, FloatTensorType([None, n_classes]))]
-        outputs = {"label": "label", second: second}
-        # Without this option skl2onnx returns probabilities as a list of
-        # dictionaries (ZipMap), which is slow and awkward to serve.
-        options = {id(estimator): {"zipmap": False}}
-    else:
-        final_types = [("value", FloatTensorType([None, 1]))]
-        outputs = {"value": "value"}
+        return [("label", label_type), (second, FloatTensorType([None, n_classes]))]
+    if spec.is_clusterer:
+        n_clusters = learner.estimator_.n_clusters
+        return [("cluster", Int64TensorType([None])), ("distances", FloatTensorType([None, n_clusters]))]
+    return [("value", FloatTensorType([None, 1]))]
 
-    proto = convert_sklearn(
-        model,
-        initial_types=[(INPUT_NAME, FloatTensorType([None, width]))],
-        final_types=final_types,
-        options=options,
-        target_opset=TARGET_OPSET,
-    )
-    _check_output_names(proto, list(outputs.values()))
 
+def onnx_metadata(learner: Learner, proto: ModelProto) -> dict[str, Any]:
+    """Return the ``onnx`` metadata of a version exported from ``learner``."""
+    spec = learner.spec
     metadata: dict[str, Any] = {
         "input": INPUT_NAME,
-        "width": width,
-        "outputs": outputs,
+        "width": spec.schema.width,
+        "outputs": {name: name for name, _ in output_types(learner)},
         "opset": _opsets(proto),
+        "target_opset": {"ai.onnx": spec.onnx.target_opset, "ai.onnx.ml": spec.onnx.ml_opset},
     }
     if spec.is_classifier:
-        metadata["classes"] = estimator.classes_.tolist()
-    return proto.SerializeToString(), metadata
+        metadata["classes"] = learner.estimator_.classes_.tolist()
+    return metadata
 
 
 def library_versions() -> dict[str, str]:

@@ -8,7 +8,9 @@ arrives before the model has learned anything is not scored.
 Classifiers are compared with a running majority-class baseline: before each
 batch, the baseline predicts the label seen most often so far (ties go to the
 label declared first). A model whose accuracy does not beat
-``baseline_accuracy`` has learned nothing useful.
+``baseline_accuracy`` has learned nothing useful. Regressors keep absolute
+and squared errors; clustering models the squared distance of each row to
+its nearest center.
 """
 
 from __future__ import annotations
@@ -97,3 +99,45 @@ def metrics_for(labels: LabelSet | None, stored: Mapping[str, Any] | None):
 def _ratio(numerator: float, denominator: int) -> float | None:
     # None, not NaN: metadata is JSON, and JSON has no NaN.
     return numerator / denominator if denominator else None
+
+
+class ClusteringMetrics:
+    """Test-then-train squared distance of each row to its nearest center."""
+
+    def __init__(self, stored: Mapping[str, Any] | None = None):
+        stored = stored or {}
+        self.n_scored = int(stored.get("n_scored", 0))
+        self.sum_sq_distance = float(stored.get("sum_sq_distance", 0.0))
+
+    def update(self, sq_distances: np.ndarray | None) -> None:
+        if sq_distances is None:
+            return
+        self.n_scored += len(sq_distances)
+        self.sum_sq_distance += float(np.sum(sq_distances))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_scored": self.n_scored,
+            "sum_sq_distance": self.sum_sq_distance,
+            "mean_sq_distance": _ratio(self.sum_sq_distance, self.n_scored),
+        }
+
+
+def score_batch(metrics, learner, X: np.ndarray, y: np.ndarray | None) -> None:
+    """Score one batch with ``learner`` before it learns the batch (nothing when unfitted)."""
+    fitted = learner.is_fitted
+    if isinstance(metrics, ClusteringMetrics):
+        metrics.update(nearest_sq_distance(learner, X) if fitted else None)
+    else:
+        metrics.update(y, learner.predict(X) if fitted else None)
+
+
+def nearest_sq_distance(learner, X: np.ndarray) -> np.ndarray:
+    return np.square(learner.distances(X)).min(axis=1)
+
+
+def metrics_for_spec(spec, stored: Mapping[str, Any] | None):
+    """Resume the stored test-then-train metrics of any task."""
+    if spec.is_clusterer:
+        return ClusteringMetrics(stored)
+    return metrics_for(spec.labels, stored)

@@ -9,9 +9,11 @@
    their partition, because that version already learned them;
 3. scores the remaining rows with the current version (test-then-train);
 4. learns them on a copy of the learner, so a failure leaves the cached
-   learner untouched;
-5. checks finite parameters and ONNX parity, exports, and publishes with a
-   compare-and-swap on the head it read, with offsets merged by max.
+   learner untouched; with a metric margin in the spec's gate, the copy is
+   first checked on held-out rows of the batch (``trainer.holdout``);
+5. checks finite parameters and ONNX parity, exports (rewriting the
+   model's cached graph when only the weights changed), and publishes with
+   a compare-and-swap on the head it read, with offsets merged by max.
 
 When another writer published first, the store raises VersionConflict; the
 trainer then reloads the winner and applies the batch again on top of it, at
@@ -21,23 +23,20 @@ with nothing published.
 
 from __future__ import annotations
 
-import copy
 import logging
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Hashable
 
 import numpy as np
 
-from modelstore.base import ONNX, STATE, Head, ModelStore, VersionInfo
+from modelstore.base import STATE, Head, ModelStore, VersionInfo
 from modelstore.errors import VersionConflict
-from trainer.export import export_onnx, library_versions
-from trainer.gate import check_finite_parameters, check_publishable
+from trainer.artifacts import Exporter, version_payload
+from trainer.cache import LRU
+from trainer.holdout import learn_candidate
 from trainer.learner import Learner
-from trainer.metrics import metrics_for
+from trainer.metrics import metrics_for_spec, score_batch
 from trainer.spec import ModelSpec
-from trainer.state import dump_state, load_state
+from trainer.state import load_state
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +45,10 @@ logger = logging.getLogger(__name__)
 class Batch:
     """Rows for one model, in consumption order.
 
-    ``positions[i]`` is ``("topic/partition", offset)`` of row i. ``rejected``
-    optionally counts, by reason, the records of this batch rejected before
-    learning. The published version stores these counts.
+    ``positions[i]`` is ``("topic/partition", offset)`` of row i. A
+    clustering model ignores ``y``, which still needs one entry per row.
+    ``rejected`` optionally counts, by reason, the records of this batch
+    rejected before learning. The published version stores these counts.
     """
 
     X: np.ndarray
@@ -74,38 +74,6 @@ class RefitResult:
     conflicts: int
 
 
-class _LRU:
-    """A thread-safe mapping that keeps the ``max_size`` most recently used entries."""
-
-    def __init__(self, max_size: int):
-        if max_size < 1:
-            raise ValueError(f"cache_size is {max_size}; it must be at least 1")
-        self.max_size = max_size
-        self._entries: OrderedDict[Hashable, Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: Hashable) -> Any:
-        with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        with self._lock:
-            self._entries[key] = value
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_size:
-                self._entries.popitem(last=False)
-
-    def pop(self, key: Hashable) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
 @dataclass(frozen=True)
 class _Loaded:
     info: VersionInfo
@@ -129,8 +97,9 @@ class Trainer:
             )
         self.store = store
         self.max_conflict_attempts = max_conflict_attempts
-        self._learners = _LRU(cache_size)
-        self._specs = _LRU(cache_size)
+        self._learners = LRU(cache_size)
+        self._specs = LRU(cache_size)
+        self._exporter = Exporter(cache_size)
 
     def spec(self, model: str) -> ModelSpec:
         """Return the model's spec, read once from its latest version.
@@ -186,36 +155,26 @@ class Trainer:
             return RefitResult(version=None, learned=0, skipped=skipped, conflicts=0)
 
         X = np.asarray(batch.X)[keep]
-        y = np.asarray(batch.y)[keep]
+        y = None if spec.is_clusterer else np.asarray(batch.y)[keep]
 
         # Test-then-train: score with the current version, then learn on a copy.
         learner = loaded.learner
         learner.validate(X, y)
-        metrics = metrics_for(spec.labels, info.metadata.get("metrics"))
-        metrics.update(y, learner.predict(X) if learner.is_fitted else None)
-        learner = copy.deepcopy(learner)
-        learner.learn(X, y)
-
-        # Checked before the export too, because skl2onnx casts weights to
-        # float32 and would turn an oversized one into infinity with a warning.
-        check_finite_parameters(learner)
-        onnx_bytes, onnx_metadata = export_onnx(learner)
-        check_publishable(learner, onnx_bytes, X)
+        metrics = metrics_for_spec(spec, info.metadata.get("metrics"))
+        score_batch(metrics, learner, X, y)
+        learner, gate_report = learn_candidate(learner, X, y)
+        exported = self._exporter.export(model, learner, X)
 
         kept_positions = [p for p, k in zip(batch.positions, keep) if k]
-        metadata = {
-            "spec": spec.to_dict(),
-            "task": spec.task,
-            "samples_learned": learner.samples_learned_,
-            "offsets": merge_offsets(stored, kept_positions),
-            "metrics": metrics.to_dict(),
-            "onnx": onnx_metadata,
-            "libraries": library_versions(),
-        }
-        if batch.rejected:
-            metadata["rejected"] = dict(batch.rejected)
-
-        version = self.store.publish(head, {ONNX: onnx_bytes, STATE: dump_state(learner)}, metadata)
+        artifacts, metadata = version_payload(
+            learner,
+            exported,
+            metrics.to_dict(),
+            merge_offsets(stored, kept_positions),
+            rejected=batch.rejected,
+            gate_report=gate_report,
+        )
+        version = self.store.publish(head, artifacts, metadata)
         self._learners.pop((model, head.latest_id))
         self._learners.put((model, version.publish_id), _Loaded(version, spec, learner))
         return RefitResult(version=version, learned=int(keep.sum()), skipped=skipped, conflicts=0)

@@ -9,6 +9,7 @@ list is fixed here and never taken from the bytes being loaded.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import zipfile
@@ -23,9 +24,11 @@ from trainer.spec import ModelSpec
 
 STATE_FORMAT = 1
 
-# Every type that a saved state may contain: the containers, numpy arrays,
-# the scaler, the estimators, and the Cython loss objects that SGD keeps in
-# ``_loss_function_`` (scikit-learn 1.9; older releases use other names).
+# Every type that a saved state may contain, as named by scikit-learn 1.9
+# (other releases may use other names). Besides containers and numpy arrays
+# these are the scalers and estimators, the RandomState that MiniBatchKMeans
+# keeps between calls, the Cython loss objects that SGD keeps in
+# ``_loss_function_``, and the MLP optimizers and label binarizer.
 TRUSTED_TYPES = [
     "builtins.dict",
     "builtins.list",
@@ -37,9 +40,23 @@ TRUSTED_TYPES = [
     "numpy.float64",
     "numpy.int64",
     "numpy.dtype",
+    "numpy.random.mtrand.RandomState",
     "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._data.MinMaxScaler",
+    "sklearn.preprocessing._data.MaxAbsScaler",
+    "sklearn.preprocessing._label.LabelBinarizer",
     "sklearn.linear_model._stochastic_gradient.SGDClassifier",
     "sklearn.linear_model._stochastic_gradient.SGDRegressor",
+    "sklearn.linear_model._perceptron.Perceptron",
+    "sklearn.naive_bayes.MultinomialNB",
+    "sklearn.naive_bayes.ComplementNB",
+    "sklearn.naive_bayes.BernoulliNB",
+    "sklearn.naive_bayes.GaussianNB",
+    "sklearn.neural_network._multilayer_perceptron.MLPClassifier",
+    "sklearn.neural_network._multilayer_perceptron.MLPRegressor",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.neural_network._stochastic_optimizers.SGDOptimizer",
+    "sklearn.cluster._kmeans.MiniBatchKMeans",
     "sklearn._loss._loss.CyHalfBinomialLoss",
     "sklearn._loss._loss.CyHalfSquaredError",
     "sklearn._loss._loss.CyHuberLoss",
@@ -57,10 +74,25 @@ def dump_state(learner: Learner) -> bytes:
         {
             "format": STATE_FORMAT,
             "scaler": learner.scaler_,
-            "estimator": learner.estimator_,
+            "estimator": _bounded(learner.estimator_),
             "samples_learned": int(learner.samples_learned_),
         }
     )
+
+
+def _bounded(estimator: Any) -> Any:
+    """Return the estimator without history that would grow the state with every batch.
+
+    An MLP appends one loss to ``loss_curve_`` per partial_fit call and reads
+    only the last one (to count epochs without improvement), so keeping the
+    last entry continues training exactly.
+    """
+    curve = getattr(estimator, "loss_curve_", None)
+    if not curve or len(curve) <= 1:
+        return estimator
+    trimmed = copy.copy(estimator)
+    trimmed.loss_curve_ = curve[-1:]
+    return trimmed
 
 
 def load_state(data: bytes, spec: ModelSpec) -> Learner:
@@ -127,6 +159,14 @@ def _check_state(state: Any, fresh: Learner) -> None:
     samples = state.get("samples_learned")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
         raise ArtifactCorrupt(f"state artifact has samples_learned {samples!r}")
+
+    scaler = state["scaler"]
+    scaled = len(spec.scaled_columns)
+    if scaler is not None and getattr(scaler, "n_features_in_", scaled) != scaled:
+        raise ArtifactCorrupt(
+            f"state artifact has a scaler of {scaler.n_features_in_} columns, the spec "
+            f"scales {scaled} (scaler_columns {spec.scaler_columns!r})"
+        )
 
     estimator = state["estimator"]
     width = getattr(estimator, "n_features_in_", spec.schema.width)
