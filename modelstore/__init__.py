@@ -1,6 +1,16 @@
 """Versioned model storage: one contract, SQLite and Couchbase backends."""
 
-from modelstore.base import ARTIFACT_KINDS, ONNX, STATE, Head, ModelStore, VersionInfo
+from modelstore.base import (
+    ARTIFACT_KINDS,
+    ONNX,
+    ONNX_BINARY,
+    ONNX_JSON,
+    STATE,
+    Head,
+    ModelStore,
+    Reuse,
+    VersionInfo,
+)
 from modelstore.errors import ConfigError
 
 
@@ -10,6 +20,12 @@ def open_store(url: str) -> ModelStore:
     ``sqlite:///path/to/models.db`` opens (and creates) an embedded SQLite
     store; ``couchbase://host/bucket?scope=...`` and ``couchbases://...``
     open a Couchbase store (see ``modelstore.couchbase`` for the options).
+
+    Both take these query options: ``chunk_size_bytes``,
+    ``max_artifact_bytes`` (larger artifacts raise ArtifactTooLarge, 1 GiB
+    by default), ``keep_versions`` (retention after publishes; 0, the
+    default, keeps every version) and ``onnx_format`` (``binary``, the
+    default, or ``json``).
     """
     if url.startswith("sqlite:"):
         from modelstore.sqlite import SQLiteStore
@@ -28,9 +44,12 @@ def open_store(url: str) -> ModelStore:
 __all__ = [
     "ARTIFACT_KINDS",
     "ONNX",
+    "ONNX_BINARY",
+    "ONNX_JSON",
     "STATE",
     "Head",
     "ModelStore",
+    "Reuse",
     "VersionInfo",
     "open_store",
 ]

@@ -12,10 +12,10 @@ from couchbase.exceptions import (
     DocumentNotFoundException,
     ValueFormatException,
 )
-from couchbase.options import GetOptions, InsertOptions, TouchOptions
-from couchbase.transcoder import JSONTranscoder, RawBinaryTranscoder
+from couchbase.options import GetMultiOptions, GetOptions, InsertOptions, RemoveOptions, TouchOptions
+from couchbase.transcoder import JSONTranscoder, RawBinaryTranscoder, RawJSONTranscoder
 
-from modelstore import _keys
+from modelstore import _artifacts, _keys
 from modelstore._couchbase_connection import Connection, map_errors
 from modelstore.errors import ArtifactCorrupt, StoreError
 
@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 
 BINARY = RawBinaryTranscoder()
 JSON = JSONTranscoder()
+# The JSON part of an ONNX-as-JSON artifact keeps its exact bytes, so its
+# sha256 still matches, and carries the JSON flag, so Couchbase tools read it as JSON.
+RAW_JSON = RawJSONTranscoder()
+
+
+def chunk_transcoder(kind: str):
+    return RAW_JSON if kind == _artifacts.JSON_PART else BINARY
 
 
 class Document(NamedTuple):
@@ -48,9 +55,30 @@ class Documents:
         """Read a JSON document, or None when it does not exist."""
         return self._get(collection, key, JSON, "JSON")
 
-    def get_binary(self, key: str) -> bytes | None:
-        """Read a binary artifact chunk, or None when it does not exist."""
-        document = self._get(_keys.ARTIFACTS, key, BINARY, "binary", self._artifact_timeout)
+    def get_many_json(self, collection: str, keys: list[str]) -> dict[str, tuple[Any, int]]:
+        """Read JSON documents in one bulk request; return (value, CAS) by key, without missing ones."""
+        if not keys:
+            return {}
+        with map_errors(f"reading {len(keys)} documents of {self.where(collection, keys[0])} and others"):
+            result = self.connection.collection(collection).get_multi(keys, GetMultiOptions(transcoder=JSON))
+            for key, exc in result.exceptions.items():
+                if not isinstance(exc, DocumentNotFoundException):
+                    raise exc
+            found = {}
+            for key, document in result.results.items():
+                try:
+                    found[key] = (document.value, document.cas)
+                except ValueFormatException as exc:
+                    raise ArtifactCorrupt(
+                        f"document {self.where(collection, key)} is not JSON; it was written by "
+                        "something other than this store"
+                    ) from exc
+            return found
+
+    def get_binary(self, key: str, transcoder=BINARY) -> bytes | None:
+        """Read an artifact chunk, or None when it does not exist."""
+        expected = "JSON" if transcoder is RAW_JSON else "binary"
+        document = self._get(_keys.ARTIFACTS, key, transcoder, expected, self._artifact_timeout)
         return None if document is None else bytes(document.value)
 
     def _get(self, collection: str, key: str, transcoder, expected: str,
@@ -82,12 +110,12 @@ class Documents:
             )
         return result.cas
 
-    def insert_binary(self, key: str, value: bytes, expiry: timedelta) -> None:
+    def insert_binary(self, key: str, value: bytes, expiry: timedelta, transcoder=BINARY) -> None:
         with map_errors(f"writing {self.where(_keys.ARTIFACTS, key)} ({len(value)} bytes)"):
             try:
                 self.connection.collection(_keys.ARTIFACTS).insert(
                     key, value,
-                    InsertOptions(transcoder=BINARY, expiry=expiry, timeout=self._artifact_timeout),
+                    InsertOptions(transcoder=transcoder, expiry=expiry, timeout=self._artifact_timeout),
                 )
             except DocumentExistsException as exc:
                 # Keys carry a fresh random publish id, so an existing key
@@ -106,6 +134,16 @@ class Documents:
                 raise ArtifactCorrupt(
                     f"document {self.where(collection, key)} is missing; it expired or was removed"
                 ) from exc
+
+    def remove(self, collection: str, key: str, cas: int | None = None) -> bool:
+        """Remove a document; return False if it was already gone. Other failures raise StoreError."""
+        options = RemoveOptions(cas=cas) if cas else RemoveOptions()
+        with map_errors(f"removing {self.where(collection, key)}"):
+            try:
+                self.connection.collection(collection).remove(key, options)
+            except DocumentNotFoundException:
+                return False
+        return True
 
     def remove_quietly(self, collection: str, key: str) -> None:
         """Remove a document the store no longer needs. A failure only leaves it to its expiry."""

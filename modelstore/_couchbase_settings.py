@@ -10,6 +10,7 @@ from typing import Mapping
 from urllib.parse import parse_qsl
 
 from modelstore import _chunks
+from modelstore.base import ONNX_BINARY, ONNX_FORMATS
 from modelstore.errors import ConfigError
 
 USERNAME_ENV = "STREAMFIT_COUCHBASE_USERNAME"
@@ -35,9 +36,11 @@ _INT_OPTIONS = {
     "connect_timeout_ms": 10000,
     "chunk_size_bytes": _chunks.DEFAULT_CHUNK_SIZE_BYTES,
     "orphan_expiry_s": 24 * 3600,
+    "max_artifact_bytes": 0,
+    "keep_versions": 0,
 }
 _BOOL_OPTIONS = {"create_collections": True}
-_STR_OPTIONS = ("scope", "ca_cert")
+_STR_OPTIONS = ("scope", "ca_cert", "onnx_format")
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class CouchbaseSettings:
     # write succeeds, which bounds what a crashed or losing writer leaves.
     orphan_expiry_s: int = _INT_OPTIONS["orphan_expiry_s"]
     create_collections: bool = True
+    # 0 keeps the store's default (1 GiB).
+    max_artifact_bytes: int = 0
+    # Automatic retention after a publish; 0 keeps every version.
+    keep_versions: int = 0
+    onnx_format: str = ONNX_BINARY
 
     @property
     def connstr(self) -> str:
@@ -77,7 +85,9 @@ class CouchbaseSettings:
         Options: ``scope`` (default streamfit), ``ca_cert`` (a PEM file, couchbases://
         only), ``kv_timeout_ms``, ``artifact_timeout_ms`` (for artifact chunks),
         ``connect_timeout_ms``, ``chunk_size_bytes`` (at most 20 MiB),
-        ``orphan_expiry_s`` and ``create_collections`` (true or false).
+        ``orphan_expiry_s``, ``create_collections`` (true or false),
+        ``max_artifact_bytes``, ``keep_versions`` and ``onnx_format``
+        (binary or json).
         """
         redacted_url = _redact(url).partition("?")[0]
         scheme, sep, rest = url.partition("://")
@@ -134,6 +144,14 @@ class CouchbaseSettings:
         for name in ("kv_timeout_ms", "artifact_timeout_ms", "connect_timeout_ms", "orphan_expiry_s"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"invalid Couchbase option {name}={getattr(self, name)}: expected >= 1")
+        for name in ("max_artifact_bytes", "keep_versions"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"invalid Couchbase option {name}={getattr(self, name)}: expected >= 0")
+        if self.onnx_format not in ONNX_FORMATS:
+            raise ConfigError(
+                f"invalid Couchbase option onnx_format={self.onnx_format!r}: expected "
+                f"{' or '.join(ONNX_FORMATS)}"
+            )
 
 
 def _parse_option(key: str, value: str) -> object:

@@ -1,4 +1,4 @@
-"""Reading and pinning versions in the Couchbase store: heads, metadata, version pointers, model index."""
+"""Reading and pinning versions in the Couchbase store: metadata, version pointers, model index."""
 
 from __future__ import annotations
 
@@ -8,42 +8,21 @@ from typing import Any, Mapping
 from couchbase.exceptions import CasMismatchException, DocumentExistsException
 from couchbase.options import ReplaceOptions
 
-from modelstore import _chunks, _keys, _publish
+from modelstore import _artifacts, _keys, _publish
 from modelstore._couchbase_connection import map_errors
 from modelstore._couchbase_documents import Documents
-from modelstore.base import Head
-from modelstore.errors import ArtifactCorrupt, ModelNotFound, StoreUnavailable
+from modelstore.base import Head, VersionInfo
+from modelstore.errors import ArtifactCorrupt, StoreUnavailable
 
 NO_EXPIRY = timedelta(0)
 MODEL_INDEX_ATTEMPTS = 20
 
 
-def read_head(documents: Documents, model: str) -> Head:
-    key = _keys.head(model)
-    result = documents.get_json(_keys.HEADS, key)
-    if result is None:
-        raise ModelNotFound(f"model {model!r} not found in {documents.connection.settings.url}; create it first")
-    doc = result.value
-    valid = (
-        isinstance(doc, dict)
-        and doc.get("model") == model
-        and _is_count(doc.get("latest"))
-        and isinstance(doc.get("latest_id"), str)
-        and isinstance(doc.get("aliases"), dict)
-    )
-    if not valid:
-        raise ArtifactCorrupt(
-            f"head document {documents.where(_keys.HEADS, key)} is not a head of "
-            f"model {model!r}: {str(doc)[:200]}"
-        )
-    return Head(
-        model, doc["latest"], doc["latest_id"], dict(doc["aliases"]),
-        float(doc.get("updated_at", 0.0)), result.cas,
-    )
-
-
 def find_publish_id(documents: Documents, model: str, number: int, head: Head) -> tuple[str, bool]:
-    """Return the publish id of version ``number`` and whether its pointer exists."""
+    """Return the publish id of version ``number`` and whether its pointer exists.
+
+    The caller checked that the version is live in ``head``.
+    """
     key = _keys.version_pointer(model, number)
     result = documents.get_json(_keys.METADATA, key)
     if result is not None:
@@ -61,17 +40,19 @@ def find_publish_id(documents: Documents, model: str, number: int, head: Head) -
             )
         return doc["publish_id"], True
 
-    # No pointer: the publisher stopped after its head write, or the
-    # version predates pointers. The parent links from the head lead to it.
-    publish_id = head.latest_id
-    for expected_version in range(head.latest, number, -1):
-        metadata = read_metadata(documents, model, publish_id, expected_version)
-        publish_id = metadata.get("parent_id")
-        if not isinstance(publish_id, str):
+    # No pointer: the publisher stopped after its head write. The parent
+    # links from the head lead to the version; they skip the numbers that
+    # an import left out.
+    publish_id, current = head.latest_id, head.latest
+    while current != number:
+        metadata = read_metadata(documents, model, publish_id, current)
+        parent, publish_id = metadata.get("parent"), metadata.get("parent_id")
+        if not isinstance(publish_id, str) or not isinstance(parent, int) or parent < number:
             raise ArtifactCorrupt(
-                f"version {expected_version} of model {model!r} has no parent_id, so version "
-                f"{number} cannot be found from the head"
+                f"version {number} of model {model!r} has no version pointer and the parent "
+                f"links from the head (at version {current}) do not lead to it"
             )
+        current = parent
     return publish_id, False
 
 
@@ -90,10 +71,15 @@ def read_metadata(documents: Documents, model: str, publish_id: str, number: int
 
 
 def pin_version(documents: Documents, model: str, publish_id: str, metadata: Mapping[str, Any]) -> None:
-    """Remove the expiry of a visible version's documents: chunks first, metadata last."""
-    for kind, entry in metadata["artifacts"].items():
-        for index in range(len(_chunks.expected_chunks(entry, f"{model}::{publish_id}::{kind}"))):
-            documents.touch(_keys.ARTIFACTS, _keys.chunk(model, publish_id, kind, index), NO_EXPIRY)
+    """Remove the expiry of a visible version's documents: chunks first, metadata last.
+
+    Chunks that the version reuses from another one lost their expiry when
+    that version was published, and touching them again changes nothing.
+    """
+    info = VersionInfo(model, metadata["version"], publish_id, metadata)
+    for stored_id, kind, count in sorted(_artifacts.storage_refs(info)):
+        for index in range(count):
+            documents.touch(_keys.ARTIFACTS, _keys.chunk(model, stored_id, kind, index), NO_EXPIRY)
     documents.touch(_keys.METADATA, _keys.metadata(model, publish_id), NO_EXPIRY)
 
 
@@ -149,5 +135,25 @@ def add_to_index(documents: Documents, model: str) -> None:
     )
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def remove_from_index(documents: Documents, model: str) -> None:
+    """Remove ``model`` from the model index with a CAS loop."""
+    collection = documents.connection.collection(_keys.METADATA)
+    key = _keys.MODEL_INDEX
+    for _ in range(MODEL_INDEX_ATTEMPTS):
+        with map_errors(f"updating {documents.where(_keys.METADATA, key)}"):
+            result = documents.get_json(_keys.METADATA, key)
+            if result is None:
+                return
+            models = list(result.value.get("models", []))
+            if model not in models:
+                return
+            models.remove(model)
+            try:
+                collection.replace(key, {"models": models}, ReplaceOptions(cas=result.cas))
+                return
+            except CasMismatchException:
+                continue
+    raise StoreUnavailable(
+        f"removing model {model!r} from the model index lost {MODEL_INDEX_ATTEMPTS} races in a "
+        "row; delete the model again to finish"
+    )

@@ -9,14 +9,20 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from modelstore import _chunks
-from modelstore.base import Head
+from modelstore import _artifacts, _chunks
+from modelstore.base import ONNX_BINARY, Head, Reuse, VersionInfo
 from modelstore.errors import ArtifactCorrupt, ArtifactTooLarge, InvalidInputError, VersionConflict
 from modelstore.names import validate_model_name
 
 # Artifact kinds become parts of store keys, so they follow the same rules as
 # model names, only shorter and lower case.
 _KIND = re.compile(r"[a-z][a-z0-9_]{0,31}")
+
+# Fields that the store sets on every version, whatever the caller passes.
+STORE_FIELDS = frozenset(
+    {"model", "version", "parent", "parent_id", "publish_id", "created_at", "artifacts",
+     "rolled_back_from", "source_version", "imported"}
+)
 
 DEFAULT_MAX_ARTIFACT_BYTES = 1024 * 1024 * 1024
 
@@ -30,6 +36,8 @@ class PublishPlan:
     publish_id: str
     chunks: Mapping[str, list[bytes]]
     metadata: Mapping[str, Any]
+    # Versions whose stored artifacts the new version refers to (Reuse).
+    reused_versions: tuple[int, ...] = ()
 
 
 def new_publish_id() -> str:
@@ -41,6 +49,11 @@ def validate_kind(kind: object) -> str:
         raise InvalidInputError(
             f"invalid artifact kind {kind!r}: use 1 to 32 lower-case ASCII letters, "
             "digits or '_', starting with a letter (for example 'onnx' or 'state')"
+        )
+    if kind in _artifacts.RESERVED_KINDS:
+        raise InvalidInputError(
+            f"invalid artifact kind {kind!r}: the store keeps the parts of ONNX-as-JSON "
+            f"under {sorted(_artifacts.RESERVED_KINDS)}; choose another name"
         )
     return kind
 
@@ -105,12 +118,21 @@ def initial_metadata(model: str, spec: Mapping[str, Any], publish_id: str) -> di
 
 def plan_publish(
     expected: Head,
-    artifacts: Mapping[str, bytes],
+    artifacts: Mapping[str, Any],
     metadata: Mapping[str, Any],
+    *,
     chunk_size_bytes: int,
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES,
+    onnx_format: str = ONNX_BINARY,
+    lineage: Mapping[str, Any] | None = None,
 ) -> PublishPlan:
-    """Check a publish request and build its chunks and metadata, without any store access."""
+    """Check a publish request and build its chunks and metadata, without any store access.
+
+    ``lineage`` contains the store-owned fields of a rollback or an import
+    (``version``, ``parent``, ``parent_id``, ``created_at``,
+    ``rolled_back_from``, ``source_version``, ``imported``). The caller's
+    metadata can never set them.
+    """
     model = expected.model
     if not isinstance(metadata, Mapping) or not isinstance(metadata.get("spec"), Mapping):
         raise InvalidInputError(
@@ -121,26 +143,37 @@ def plan_publish(
         raise InvalidInputError(
             f"invalid artifacts for model {model!r}: expected a mapping of kind to bytes"
         )
+    lineage = dict(lineage or {})
+    version = lineage.get("version", expected.latest + 1)
 
     chunks: dict[str, list[bytes]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    reused: set[int] = set()
     for kind, data in artifacts.items():
         validate_kind(kind)
+        if isinstance(data, Reuse):
+            entries[kind] = _artifacts.reused_entry(model, kind, data)
+            reused.add(data.info.version)
+            continue
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise InvalidInputError(
-                f"invalid artifact {kind!r} for model {model!r}: expected bytes, "
+                f"invalid artifact {kind!r} for model {model!r}: expected bytes or a Reuse, "
                 f"got {type(data).__name__}"
             )
         data = bytes(data)
         if len(data) > max_artifact_bytes:
             raise ArtifactTooLarge(
-                f"artifact {kind!r} of model {model!r} has {len(data)} bytes, the maximum is "
-                f"{max_artifact_bytes}; raise max_artifact_bytes or shrink the model"
+                f"artifact {kind!r} of model {model!r} version {version} has {len(data)} bytes, "
+                f"the maximum is {max_artifact_bytes} (max_artifact_bytes); nothing was "
+                "published. Raise max_artifact_bytes or shrink the model"
             )
-        chunks[kind] = _chunks.split(data, chunk_size_bytes)
+        parts = _artifacts.encode(model, kind, data, onnx_format)
+        for storage_kind, part in parts.items():
+            chunks[storage_kind] = _chunks.split(part, chunk_size_bytes)
+        entries[kind] = _artifacts.describe(kind, data, {k: chunks[k] for k in parts})
 
-    version = expected.latest + 1
     publish_id = new_publish_id()
-    full = dict(metadata)
+    full = {k: v for k, v in metadata.items() if k not in STORE_FIELDS}
     full.update(
         model=model,
         version=version,
@@ -148,10 +181,71 @@ def plan_publish(
         parent_id=expected.latest_id,
         publish_id=publish_id,
         created_at=time.time(),
-        artifacts={kind: _chunks.describe(parts) for kind, parts in chunks.items()},
+        artifacts=entries,
     )
+    full.update(lineage)
     encode_json(full, f"metadata of model {model!r} version {version}")
-    return PublishPlan(model, version, publish_id, chunks, full)
+    return PublishPlan(model, version, publish_id, chunks, full, tuple(sorted(reused)))
+
+
+def rollback_lineage(source: VersionInfo, latest: VersionInfo) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build the metadata and lineage of a rollback of ``latest`` to ``source``.
+
+    The metadata is the source's (spec, metrics, samples learned, ONNX
+    description), with the offsets of the latest version merged in by
+    maximum: the records that the discarded versions consumed stay
+    consumed, so the worker never learns them again.
+    """
+    metadata = {k: v for k, v in source.metadata.items() if k not in STORE_FIELDS}
+    offsets = dict(source.offsets)
+    for partition, offset in latest.offsets.items():
+        offsets[partition] = max(offsets.get(partition, 0), offset)
+    metadata["offsets"] = dict(sorted(offsets.items()))
+    lineage = {
+        "rolled_back_from": latest.version,
+        # A rollback to a rollback serves the first one's source.
+        "source_version": source.source_version,
+    }
+    return metadata, lineage
+
+
+def import_lineage(metadata: Mapping[str, Any], latest: int, parent_id: str | None) -> dict[str, Any]:
+    """Check the history fields of an imported version and return its lineage."""
+    model = metadata.get("model")
+    version = metadata.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version <= latest:
+        raise InvalidInputError(
+            f"invalid imported version {version!r} of model {model!r}: expected an integer "
+            f"above the latest version {latest} of the target"
+        )
+    parent = metadata.get("parent")
+    if parent is not None and (isinstance(parent, bool) or not isinstance(parent, int) or not 0 <= parent < version):
+        raise InvalidInputError(
+            f"invalid parent {parent!r} of imported version {version} of model {model!r}: "
+            f"expected an integer from 0 to {version - 1}"
+        )
+    created_at = metadata.get("created_at")
+    if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
+        raise InvalidInputError(
+            f"invalid created_at {created_at!r} of imported version {version} of model {model!r}"
+        )
+    lineage = {
+        "version": version,
+        "parent": parent,
+        "parent_id": parent_id,
+        "created_at": created_at,
+        "imported": {"publish_id": metadata.get("publish_id"), "imported_at": time.time()},
+    }
+    for field in ("rolled_back_from", "source_version"):
+        if field in metadata:
+            lineage[field] = metadata[field]
+    return lineage
+
+
+def check_positive(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidInputError(f"invalid {name} {value!r}: expected an integer >= 1")
+    return value
 
 
 def check_chunk_size(chunk_size_bytes: object, maximum: int) -> int:

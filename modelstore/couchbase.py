@@ -3,8 +3,10 @@
 Every operation is a get, insert, replace, touch or remove, so the store runs
 on gocaves (which has no N1QL) as well as on Couchbase Server. Documents live
 in four collections of one scope (see ``modelstore._keys`` for the keys):
-binary artifact chunks (raw binary transcoder), JSON version metadata and
-version pointers, JSON heads, and ``predictions`` for the predictor.
+binary artifact chunks, JSON version metadata and version pointers, JSON
+heads, and ``predictions`` for the predictor. Chunks use the raw binary
+transcoder, except the JSON part of an ONNX-as-JSON artifact, which uses
+the raw JSON transcoder.
 
 A publish first inserts the artifact chunks and the version metadata, each
 with an expiry (``orphan_expiry_s``). It then replaces the head, with the CAS
@@ -22,6 +24,15 @@ NOTE: if nothing reads such a version with ``version()`` within
 ``orphan_expiry_s`` (24 h by default), its documents expire while the head
 still names it, and reads raise ArtifactCorrupt. Any ``version()`` call that
 resolves the version before then repairs it.
+
+Every head write (publish, alias, retention, delete) replaces the head with
+the CAS of the document it was built from and records a write id, so a
+timed-out write is resolved by reading the head back
+(``modelstore._couchbase_heads`` describes the head's fields). A rollback is
+a publish whose artifacts refer to existing chunks, so it writes only its
+metadata, the head and its version pointer. Retention and delete first
+record their work in the head, then remove documents, so an interrupted run
+is finished by the next one (``modelstore._couchbase_lifecycle``).
 """
 
 from __future__ import annotations
@@ -30,37 +41,33 @@ import logging
 import os
 import time
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
-from couchbase.exceptions import (
-    CasMismatchException,
-    DocumentExistsException,
-    DocumentNotFoundException,
-)
-from couchbase.options import ReplaceOptions
+from couchbase.exceptions import DocumentExistsException
 
-from modelstore import _chunks, _keys, _publish
+from modelstore import _artifacts, _chunks, _keys, _publish, _retention
+from modelstore import _couchbase_heads as _heads
+from modelstore import _couchbase_lifecycle as _lifecycle
 from modelstore import _couchbase_versions as _versions
 from modelstore._couchbase_connection import AMBIGUOUS, Connection, map_errors
-from modelstore._couchbase_documents import JSON, Documents
+from modelstore._couchbase_documents import Documents, chunk_transcoder
 from modelstore._couchbase_settings import CouchbaseSettings, credentials
-from modelstore.base import Head, ModelStore, VersionInfo
+from modelstore.base import Head, ModelStore, Reuse, VersionInfo
 from modelstore.errors import (
     ArtifactCorrupt,
     ModelExists,
-    ModelNotFound,
     StoreError,
     StoreUnavailable,
     VersionConflict,
     VersionNotFound,
 )
-from modelstore.names import validate_model_name
+from modelstore.names import validate_alias_name, validate_model_name
 
 log = logging.getLogger(__name__)
 
-# Tries of one head write whose response times out. Every try carries the
-# same CAS, so a retry succeeds only if no write, ours included, has landed.
-HEAD_WRITE_ATTEMPTS = 3
+# Tries of an operator's head change (alias, rollback, retention, delete)
+# when other writers change the head at the same time.
+LIFECYCLE_ATTEMPTS = 5
 
 
 class CouchbaseStore(ModelStore):
@@ -77,7 +84,11 @@ class CouchbaseStore(ModelStore):
         settings.check()
         self.settings = settings
         self.url = settings.url
-        self.max_artifact_bytes = max_artifact_bytes
+        self.max_artifact_bytes = _publish.check_positive(
+            "max_artifact_bytes", settings.max_artifact_bytes or max_artifact_bytes
+        )
+        self.onnx_format = settings.onnx_format
+        self.keep_versions = settings.keep_versions
         self._documents = Documents(Connection(settings, username, password))
         # Connect now, so a wrong address, bucket or password fails at start-up.
         self._documents.connection.collection(_keys.HEADS)
@@ -106,24 +117,40 @@ class CouchbaseStore(ModelStore):
         validate_model_name(model)
         return self._read_head(model)
 
+    def heads(self, models: Iterable[str]) -> dict[str, Head]:
+        names = [validate_model_name(model) for model in models]
+        found = {}
+        # Bounded batches keep one request's response small.
+        for start in range(0, len(names), 1000):
+            for model, head in _heads.read_many(self._documents, names[start:start + 1000]).items():
+                found[model] = head.head
+        return found
+
     def _read_head(self, model: str) -> Head:
-        return _versions.read_head(self._documents, model)
+        return _heads.read_existing(self._documents, model).head
 
     def version(self, model: str, version: int | None = None) -> VersionInfo:
         validate_model_name(model)
         if version is not None:
             _publish.validate_version_number(version)
-        head = self._read_head(model)
-        number = head.latest if version is None else version
-        if number > head.latest:
-            raise VersionNotFound(
-                f"version {number} of model {model!r} not found; the latest is {head.latest}"
-            )
-        publish_id, pointer_found = _versions.find_publish_id(self._documents, model, number, head)
+        head = _heads.read_existing(self._documents, model)
+        return self._version_in(head, head.latest if version is None else version)
+
+    def _version_in(self, head: _heads.HeadDoc, number: int) -> VersionInfo:
+        """Read version ``number``, which must be live in ``head``."""
+        model = head.model
+        if not head.is_live(number):
+            raise _retention.version_not_found(model, number, head.latest)
+        publish_id, pointer_found = _versions.find_publish_id(self._documents, model, number, head.head)
         metadata = _versions.read_metadata(self._documents, model, publish_id, number)
-        if not pointer_found and not self._publisher_may_be_running(head, number):
+        if not pointer_found and not self._publisher_may_be_running(head.head, number):
             self._repair_version(metadata)
         return VersionInfo(model, number, publish_id, metadata)
+
+    def versions(self, model: str) -> list[VersionInfo]:
+        validate_model_name(model)
+        head = _heads.read_existing(self._documents, model)
+        return [self._version_in(head, number) for number in head.live_numbers()]
 
     def _publisher_may_be_running(self, head: Head, number: int) -> bool:
         grace_s = min(REPAIR_GRACE_S, self.settings.orphan_expiry_s / 4)
@@ -147,23 +174,27 @@ class CouchbaseStore(ModelStore):
     def artifact(self, info: VersionInfo, kind: str) -> bytes:
         validate_model_name(info.model)
         _publish.validate_kind(kind)
-        entry = info.metadata.get("artifacts", {}).get(kind)
-        if entry is None:
-            raise VersionNotFound(
-                f"version {info.version} of model {info.model!r} has no {kind!r} artifact "
-                f"(it has: {sorted(info.metadata.get('artifacts', {})) or 'none'})"
-            )
-        name = _keys.chunk(info.model, info.publish_id, kind, 0).rpartition("::")[0]
-        parts = []
-        for index, expected in enumerate(_chunks.expected_chunks(entry, name)):
-            key = _keys.chunk(info.model, info.publish_id, kind, index)
-            where = self._documents.where(_keys.ARTIFACTS, key)
-            data = self._documents.get_binary(key)
+        data = {}
+        for part in _artifacts.parts(info, kind):
+            data[part.kind] = self._read_part(info, part)
+        return _artifacts.assemble(info, kind, data)
+
+    def _read_part(self, info: VersionInfo, part: _artifacts.Part) -> bytes:
+        name = f"{info.model}::{part.publish_id}::{part.kind}"
+        owner = f"model {info.model!r} version {info.version}"
+        chunks = []
+        for index, expected in enumerate(_chunks.expected_chunks(part.entry, name)):
+            key = _keys.chunk(info.model, part.publish_id, part.kind, index)
+            where = f"{self._documents.where(_keys.ARTIFACTS, key)} of {owner}"
+            try:
+                data = self._documents.get_binary(key, chunk_transcoder(part.kind))
+            except ArtifactCorrupt as exc:
+                raise ArtifactCorrupt(f"{owner}: {exc}") from exc
             if data is None:
                 raise ArtifactCorrupt(f"chunk {where} is missing; it expired or was removed")
             _chunks.verify_chunk(data, expected, where)
-            parts.append(data)
-        return _chunks.join_verified(parts, entry, name)
+            chunks.append(data)
+        return _chunks.join_verified(chunks, part.entry, f"{name} of {owner}")
 
     def list_models(self) -> list[str]:
         return _versions.read_index(self._documents)
@@ -179,7 +210,10 @@ class CouchbaseStore(ModelStore):
         # Version 0 follows the publish protocol: its metadata expires unless
         # the head insert below makes it visible.
         self._documents.insert_json(_keys.METADATA, metadata_key, metadata, self._orphan_expiry)
-        doc = {"model": model, "latest": 0, "latest_id": publish_id, "aliases": {}, "updated_at": time.time()}
+        doc = _heads.with_write(
+            {"model": model, "latest": 0, "latest_id": publish_id, "aliases": {}, "floor": 0},
+            _heads.new_write_id(),
+        )
         head = self._insert_head(model, doc)
         if head is None:
             self._documents.remove_quietly(_keys.METADATA, metadata_key)
@@ -195,33 +229,51 @@ class CouchbaseStore(ModelStore):
         return head
 
     def _insert_head(self, model: str, doc: dict[str, Any]) -> Head | None:
-        """Insert a new head, or return None if the model exists."""
+        """Insert a new head, or return None if the model exists.
+
+        A head left by an interrupted delete_model is deleted first.
+        """
         collection = self._documents.connection.collection(_keys.HEADS)
-        with map_errors(f"creating the head of model {model!r}"):
-            try:
-                result = collection.insert(_keys.head(model), doc)
-            except DocumentExistsException:
-                return None
-            except AMBIGUOUS as exc:
+        for _ in range(2):
+            with map_errors(f"creating the head of model {model!r}"):
                 try:
-                    current = self._read_head(model)
-                except ModelNotFound:
-                    raise StoreUnavailable(
-                        f"creating model {model!r} timed out and it does not exist; retry later"
-                    ) from exc
-                return current if current.latest_id == doc["latest_id"] else None
-        return Head(model, 0, doc["latest_id"], {}, doc["updated_at"], result.cas)
+                    result = collection.insert(_keys.head(model), doc)
+                    return Head(model, 0, doc["latest_id"], {}, doc["updated_at"], result.cas)
+                except DocumentExistsException:
+                    existing = _heads.read(self._documents, model, include_deleted=True)
+                    if existing is None or not existing.deleted:
+                        return None
+                    _lifecycle.finish_delete(self, existing)
+                except AMBIGUOUS as exc:
+                    current = _heads.read(self._documents, model)
+                    if current is None:
+                        raise StoreUnavailable(
+                            f"creating model {model!r} timed out and it does not exist; retry later"
+                        ) from exc
+                    return current.head if current.doc["latest_id"] == doc["latest_id"] else None
+        return None
 
     def publish(
         self,
         expected: Head,
-        artifacts: Mapping[str, bytes],
+        artifacts: Mapping[str, bytes | Reuse],
         metadata: Mapping[str, Any],
     ) -> VersionInfo:
         _publish.check_expected_head(expected)
-        plan = _publish.plan_publish(
-            expected, artifacts, metadata, self.settings.chunk_size_bytes, self.max_artifact_bytes
+        plan = self._plan(expected, artifacts, metadata)
+        info = self._commit(expected, plan)
+        _retention.apply_after_publish(self, info)
+        return info
+
+    def _plan(self, expected: Head, artifacts: Mapping[str, bytes | Reuse], metadata: Mapping[str, Any],
+              lineage: Mapping[str, Any] | None = None) -> _publish.PublishPlan:
+        return _publish.plan_publish(
+            expected, artifacts, metadata, chunk_size_bytes=self.settings.chunk_size_bytes,
+            max_artifact_bytes=self.max_artifact_bytes, onnx_format=self.onnx_format, lineage=lineage,
         )
+
+    def _commit(self, expected: Head, plan: _publish.PublishPlan) -> VersionInfo:
+        """Write a planned version: chunks and metadata with an expiry, the head, then pins."""
         # Checked first so a stale writer stops before writing its chunks.
         # The CAS of the head replace is what decides.
         self._check_head(expected)
@@ -232,7 +284,7 @@ class CouchbaseStore(ModelStore):
         self._check_lease(plan, started)
         try:
             self._write_head(expected, plan)
-        except VersionConflict:
+        except (VersionConflict, VersionNotFound):
             self._discard(plan)
             raise
 
@@ -260,7 +312,7 @@ class CouchbaseStore(ModelStore):
         for kind, parts in plan.chunks.items():
             for index, data in enumerate(parts):
                 key = _keys.chunk(plan.model, plan.publish_id, kind, index)
-                self._documents.insert_binary(key, data, self._orphan_expiry)
+                self._documents.insert_binary(key, data, self._orphan_expiry, chunk_transcoder(kind))
 
     def _write_metadata(self, plan: _publish.PublishPlan) -> None:
         key = _keys.metadata(plan.model, plan.publish_id)
@@ -282,70 +334,35 @@ class CouchbaseStore(ModelStore):
             )
 
     def _write_head(self, expected: Head, plan: _publish.PublishPlan) -> None:
-        key = _keys.head(plan.model)
-        doc = {
-            "model": plan.model,
-            "latest": plan.version,
-            "latest_id": plan.publish_id,
-            "aliases": dict(expected.aliases),
-            "updated_at": time.time(),
-        }
-        collection = self._documents.connection.collection(_keys.HEADS)
-        for attempt in range(1, HEAD_WRITE_ATTEMPTS + 1):
-            with map_errors(f"writing the head of model {plan.model!r}"):
-                try:
-                    collection.replace(key, doc, ReplaceOptions(cas=expected.cas, transcoder=JSON))
-                    return
-                except (CasMismatchException, DocumentNotFoundException):
-                    if attempt == 1:
-                        raise VersionConflict(
-                            f"model {plan.model!r}: another writer published on version "
-                            f"{expected.latest} first; reload the head and re-apply the batch"
-                        ) from None
-                    # After an ambiguous try, our own earlier write may be the
-                    # one that changed the CAS.
-                except AMBIGUOUS as exc:
-                    log.warning(
-                        "head write of model %r version %d timed out (%s); reading the head back",
-                        plan.model, plan.version, type(exc).__name__,
-                    )
-            if self._head_write_landed(expected, plan):
-                return
-        raise StoreUnavailable(
-            f"head write of model {plan.model!r} version {plan.version} timed out "
-            f"{HEAD_WRITE_ATTEMPTS} times. The head was unchanged when last read, but a delayed "
-            "write may still land, so the outcome is unknown: reload the head before publishing again"
+        # The new head is built from the document as read now, so fields
+        # that other operations keep there (retention's work, the floor)
+        # are carried over. The replace carries the caller's CAS, so it
+        # fails if that document is not the one the caller read.
+        base = _heads.read_existing(self._documents, plan.model)
+        for number in plan.reused_versions:
+            if base.cas == expected.cas and not base.is_live(number):
+                raise VersionNotFound(
+                    f"model {plan.model!r} version {plan.version} reuses the artifacts of version "
+                    f"{number}, which retention removed; nothing was published"
+                )
+        doc = dict(base.doc, latest=plan.version, latest_id=plan.publish_id)
+        if plan.version > base.latest + 1:
+            # An imported version after a gap: the versions up to now stay
+            # live below the new floor.
+            doc["kept_below"] = sorted({*base.doc.get("kept_below", []), *base.live_numbers()})
+            doc["floor"] = plan.version
+        doc = _heads.with_write(doc, _heads.new_write_id())
+        _heads.replace(
+            self._documents, plan.model, expected.cas, doc, f"publishing version {plan.version}",
+            landed=lambda current: self._landed_below(current, plan),
         )
 
-    def _head_write_landed(self, expected: Head, plan: _publish.PublishPlan) -> bool:
-        """Decide by reading back whether an ambiguous head write landed.
-
-        Returns True if it did, False if the head is unchanged (a retry with
-        the same CAS is then safe), and raises VersionConflict if another
-        writer's version is there instead.
-        """
-        try:
-            current = self._read_head(plan.model)
-            if current.latest_id == plan.publish_id:
-                return True
-            if current.cas == expected.cas:
-                return False
-            if current.latest > plan.version:
-                # Ours may have landed and another writer may have published
-                # on top of it already.
-                publish_id, _ = _versions.find_publish_id(self._documents, plan.model, plan.version, current)
-                if publish_id == plan.publish_id:
-                    return True
-        except StoreUnavailable as exc:
-            raise StoreUnavailable(
-                f"head write of model {plan.model!r} version {plan.version} timed out and the head "
-                "could not be read back, so the version may or may not be published; reload the "
-                "head before publishing again"
-            ) from exc
-        raise VersionConflict(
-            f"model {plan.model!r}: another writer published on version {expected.latest} first; "
-            "reload the head and re-apply the batch"
-        )
+    def _landed_below(self, current: _heads.HeadDoc, plan: _publish.PublishPlan) -> bool:
+        """Return True if ``plan``'s version is in the chain below a newer head."""
+        if current.latest <= plan.version or not current.is_live(plan.version):
+            return False
+        publish_id, _ = _versions.find_publish_id(self._documents, plan.model, plan.version, current.head)
+        return publish_id == plan.publish_id
 
     def _discard(self, plan: _publish.PublishPlan) -> None:
         # A loser's documents would expire anyway, but removing them frees
@@ -362,6 +379,49 @@ class CouchbaseStore(ModelStore):
 
     def _write_pointer(self, model: str, number: int, publish_id: str) -> None:
         _versions.write_pointer(self._documents, model, number, publish_id)
+
+    # ------------------------------------------------------------ lifecycle
+
+    def set_alias(self, model: str, alias: str, version: int | None) -> Head:
+        validate_model_name(model)
+        validate_alias_name(alias)
+        if version is not None:
+            _publish.validate_version_number(version)
+        return _lifecycle.retry(model, "setting an alias",
+                                lambda: _lifecycle.set_alias(self, model, alias, version))
+
+    def rollback(self, model: str, to_version: int | None = None) -> VersionInfo:
+        validate_model_name(model)
+        if to_version is not None:
+            _publish.validate_version_number(to_version)
+        info = _lifecycle.retry(model, "rolling back",
+                                lambda: _lifecycle.rollback(self, model, to_version))
+        log.info("model %r rolled back from version %d to version %d as version %d",
+                 model, info.metadata["rolled_back_from"], info.source_version, info.version)
+        return info
+
+    def apply_retention(self, model: str, keep_last: int) -> list[int]:
+        validate_model_name(model)
+        _retention.check_keep("keep_last", keep_last, minimum=1)
+        return _lifecycle.retry(model, "applying retention",
+                                lambda: _lifecycle.apply_retention(self, model, keep_last))
+
+    def delete_model(self, model: str) -> None:
+        validate_model_name(model)
+        _lifecycle.retry(model, "deleting the model", lambda: _lifecycle.delete_model(self, model))
+        log.info("deleted model %r from %s", model, self.url)
+
+    def import_version(self, expected: Head, metadata: Mapping[str, Any],
+                       artifacts: Mapping[str, bytes | Reuse]) -> VersionInfo:
+        _publish.check_expected_head(expected)
+        parent = metadata.get("parent") if isinstance(metadata, Mapping) else None
+        parent_id = None
+        head = _heads.read_existing(self._documents, expected.model)
+        if isinstance(parent, int) and not isinstance(parent, bool) and head.is_live(parent):
+            parent_id, _ = _versions.find_publish_id(self._documents, expected.model, parent, head.head)
+        lineage = _publish.import_lineage(metadata, expected.latest, parent_id)
+        plan = self._plan(expected, artifacts, metadata, lineage)
+        return self._commit(expected, plan)
 
 
 # A publisher writes the version pointer right after its head write. Within

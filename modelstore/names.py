@@ -2,7 +2,7 @@
 
 import re
 
-from modelstore.errors import InvalidModelName
+from modelstore.errors import InvalidInputError, InvalidModelName
 
 MAX_NAME_LENGTH = 128
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -30,3 +30,23 @@ def validate_model_name(name: object) -> str:
             "digits, '.', '_' or '-', starting with a letter or digit"
         )
     return name
+
+
+MAX_ALIAS_LENGTH = 64
+# Aliases start with a letter, so an alias can never be read as a version number.
+_ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
+
+
+def validate_alias_name(alias: object) -> str:
+    """Return ``alias`` unchanged if it is a valid alias name, else raise InvalidInputError.
+
+    An alias has 1 to 64 characters: ASCII letters, digits, '.', '_' and '-',
+    starting with a letter (for example ``production`` or ``candidate``).
+    """
+    if not isinstance(alias, str) or len(alias) > MAX_ALIAS_LENGTH or not _ALIAS.fullmatch(alias):
+        shown = alias[:40] if isinstance(alias, str) else alias
+        raise InvalidInputError(
+            f"invalid alias name {shown!r}: use 1 to {MAX_ALIAS_LENGTH} ASCII letters, digits, "
+            "'.', '_' or '-', starting with a letter (for example 'production')"
+        )
+    return alias

@@ -555,3 +555,96 @@ def test_ambiguous_head_write_landed_then_overtaken(backend, store, model, monke
         assert other.head(model).latest == 2
     finally:
         other.close()
+
+
+def test_ambiguous_alias_write_that_landed(store, model, monkeypatch):
+    store.create_model(model, SPEC)
+    publish_next(store, model)
+    flaky = flaky_heads(store, monkeypatch, apply=True)
+
+    head = store.set_alias(model, "production", 1)
+
+    assert flaky.failures == 1
+    assert head.aliases == {"production": 1}
+    assert store.head(model).aliases == {"production": 1}
+
+
+def test_ambiguous_alias_write_that_did_not_land(store, model, monkeypatch):
+    store.create_model(model, SPEC)
+    publish_next(store, model)
+    flaky = flaky_heads(store, monkeypatch, apply=False)
+
+    store.set_alias(model, "production", 1)
+
+    assert flaky.failures == 1
+    assert store.head(model).aliases == {"production": 1}
+
+
+def test_ambiguous_alias_write_landed_then_overtaken(backend, store, model, monkeypatch):
+    store.create_model(model, SPEC)
+    publish_next(store, model)
+    other = backend.open()
+    try:
+        # Another writer publishes on top of the alias write before the
+        # timed-out writer reads the head back: the write id in the head's
+        # write list still shows that the alias write landed.
+        flaky_heads(store, monkeypatch, apply=True,
+                    after=lambda: other.publish(other.head(model), {ONNX: b"on top"}, {"spec": SPEC}))
+
+        store.set_alias(model, "candidate", 1)
+
+        head = other.head(model)
+        assert head.latest == 2
+        assert head.aliases == {"candidate": 1}
+    finally:
+        other.close()
+
+
+def test_ambiguous_rollback_write_that_landed(store, model, monkeypatch):
+    store.create_model(model, SPEC)
+    first = publish_next(store, model)
+    publish_next(store, model)
+    flaky = flaky_heads(store, monkeypatch, apply=True)
+
+    info = store.rollback(model, 1)
+
+    assert flaky.failures == 1
+    assert info.version == 3
+    assert store.head(model).latest == 3
+    assert store.artifact(store.version(model), ONNX) == store.artifact(first, ONNX)
+
+
+def test_ambiguous_retention_write_that_landed(store, model, monkeypatch):
+    store.create_model(model, SPEC)
+    for _ in range(3):
+        publish_next(store, model)
+    flaky = flaky_heads(store, monkeypatch, apply=True)
+
+    assert store.apply_retention(model, 1) == [1, 2]
+
+    assert flaky.failures == 1
+    assert [info.version for info in store.versions(model)] == [0, 3]
+    assert store.head(model).latest == 3
+
+
+def test_head_write_outcome_unknown(gocaves_pausable, model, monkeypatch):
+    store = couchbase_backend(gocaves_pausable).open(kv_timeout_ms=500)
+    try:
+        store.create_model(model, SPEC)
+        publish_next(store, model)
+
+        def pause_then_fail():
+            # The head cannot be read back while the cluster is paused, so
+            # the store cannot tell whether the write landed.
+            gocaves_pausable.pause()
+
+        flaky_heads(store, monkeypatch, apply=False, after=pause_then_fail)
+        try:
+            with pytest.raises(StoreUnavailable, match="may or may not have landed"):
+                store.set_alias(model, "production", 1)
+        finally:
+            gocaves_pausable.resume()
+        monkeypatch.undo()
+        assert store.head(model).aliases == {}
+    finally:
+        store.close()
