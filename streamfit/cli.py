@@ -24,7 +24,7 @@ COMMANDS = {
     "predictor": "serve predictions over HTTP from the latest model versions",
     "produce": "send a JSON-lines or CSV file to a Kafka topic",
     "flights": "write the NYC flights 2013 data as labelled JSON lines",
-    "models": "list, show or create models in a store",
+    "models": "list, inspect, promote, roll back, export and import models in a store",
     "demo": "run the worker and the predictor on the flights data and print a report",
     "train": "learn a model from a CSV or JSON-lines file and publish its first version",
 }
