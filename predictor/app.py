@@ -1,14 +1,18 @@
 """HTTP routes of the predictor: Open Inference Protocol V2, a simple JSON route, metrics.
 
 Every response about a model names the model and, once a version was
-resolved, the version. Input errors are 4xx responses with an ``error``
-message naming the field. Only a fault of the predictor itself is a 500.
+resolved, the version and its age. The version segment of a path is a
+version number (``versions/3``) or an alias of the model's head
+(``versions/production``): aliases start with a letter, so the two never
+collide, and OIP clients that only know ``versions/{v}`` reach aliases too.
+Input errors are 4xx responses with an ``error`` message naming the field.
+Only a fault of the predictor itself is a 500.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import importlib.metadata
 import logging
 import re
 import time
@@ -17,18 +21,21 @@ from typing import Any, AsyncIterator, Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from modelstore import open_store
 from modelstore.base import ModelStore
-from modelstore.errors import InvalidInputError, ModelNotFound, StoreError, VersionNotFound
-from modelstore.names import MAX_NAME_LENGTH, validate_model_name
+from modelstore.names import validate_alias_name, validate_model_name
 
-from predictor import protocol
+from predictor import protocol, responses
+from predictor import _http
+from predictor._http import ErrorResponses, dumps, json_response, route_not_found
 from predictor.loader import LoadedModel
 from predictor.metrics import UNKNOWN_MODEL, PredictorMetrics
+from predictor.openapi import openapi_document
 from predictor.protocol import RequestError
 from predictor.refresh import HeadWatcher
 from predictor.sessions import NotServable, SessionCache
@@ -37,15 +44,24 @@ from predictor.settings import PredictorSettings
 logger = logging.getLogger(__name__)
 
 _VERSION = re.compile(r"[0-9]{1,9}")
-STORE_WARNING_INTERVAL_S = 60.0
-MAX_ERROR_CHARS = 1000
+# Requests with bodies up to this size (about 100 rows) run on the event
+# loop when their session is cached. Larger ones and first loads run on a
+# worker thread.
+INLINE_MAX_BODY_BYTES = 16 * 1024
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("streamfit")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 class Predictor:
-    """State of one predictor process: store, session cache, head watcher, metrics.
+    """State of one predictor process: store, session cache, head watcher, stream, metrics.
 
-    Nothing here opens the store or builds a session before ``start``, which
-    the app's lifespan calls in the serving process.
+    Nothing here opens the store, builds a session or connects to Kafka
+    before ``start``, which the app's lifespan calls in the serving process.
     """
 
     def __init__(
@@ -60,20 +76,32 @@ class Predictor:
         self.store: ModelStore | None = None
         self.cache: SessionCache | None = None
         self.watcher: HeadWatcher | None = None
+        self.stream = None
 
     def start(self) -> None:
         self.store = self._given_store or open_store(self.settings.store)
         self.cache = SessionCache(self.store, self.settings, self.metrics)
-        self.watcher = HeadWatcher(self.store, self.cache, self.settings.refresh_interval_ms)
+        self.watcher = HeadWatcher(
+            self.store, self.cache, self.settings.refresh_interval_ms, self.metrics
+        )
         logger.info(
             "onnxruntime sessions use intra_op_threads=%d inter_op_threads=%d; "
-            "refresh_interval_ms=%d, cache_max_models=%d",
+            "refresh_interval_ms=%d, cache_max_models=%d, cache_max_pinned=%d, cache_max_bytes=%d",
             self.settings.intra_op_threads, self.settings.inter_op_threads,
             self.settings.refresh_interval_ms, self.settings.cache_max_models,
+            self.settings.cache_max_pinned, self.settings.cache_max_bytes,
         )
         self.watcher.start()
+        if self.settings.source is not None:
+            # Imported here, so an HTTP-only predictor never loads the Kafka client.
+            from predictor.streaming import StreamPredictor
+
+            self.stream = StreamPredictor(self.settings, self.cache, self.metrics)
+            self.stream.start()
 
     def stop(self) -> None:
+        if self.stream is not None:
+            self.stream.stop()
         if self.watcher is not None:
             self.watcher.stop()
         if self.store is not None and self._given_store is None:
@@ -81,12 +109,28 @@ class Predictor:
 
     @property
     def ready(self) -> bool:
-        return self.watcher is not None and self.watcher.ready.is_set()
+        store_ready = self.watcher is not None and self.watcher.ready.is_set()
+        return store_ready and (self.stream is None or self.stream.alive)
 
-    def resolve(self, name: str, version: str | None) -> LoadedModel:
-        if version is None:
-            return self.cache.latest(name)
-        return self.cache.pinned(name, _parse_version(version))
+    def resolve(self, name: str, selector: str | None) -> tuple[LoadedModel, str | None]:
+        """Return the session for the latest version, a version number or an alias, and the alias."""
+        if selector is None:
+            return self.cache.latest(name), None
+        if selector[:1].isalpha():
+            alias = validate_alias_name(selector)
+            return self.cache.aliased(name, alias), alias
+        return self.cache.pinned(name, _parse_version(selector)), None
+
+    def resolve_cached(self, name: str, selector: str | None) -> tuple[LoadedModel, str | None] | None:
+        """Return the cached session and alias like ``resolve``, or None when it needs a load."""
+        if selector is None:
+            key: str | int | None = None
+        elif selector[:1].isalpha():
+            key = validate_alias_name(selector)
+        else:
+            key = _parse_version(selector)
+        model = self.cache.cached(name, key)
+        return None if model is None else (model, key if isinstance(key, str) else None)
 
 
 def create_app(
@@ -114,18 +158,10 @@ def create_app(
 
     app = Starlette(
         routes=[
-            Route("/v2/health/live", routes.live, methods=["GET"]),
-            Route("/v2/health/ready", routes.ready, methods=["GET"]),
-            Route("/v2/models/{name}", routes.metadata, methods=["GET"]),
-            Route("/v2/models/{name}/versions/{version}", routes.metadata, methods=["GET"]),
-            Route("/v2/models/{name}/ready", routes.model_ready, methods=["GET"]),
-            Route("/v2/models/{name}/versions/{version}/ready", routes.model_ready, methods=["GET"]),
-            Route("/v2/models/{name}/infer", routes.infer, methods=["POST"]),
-            Route("/v2/models/{name}/versions/{version}/infer", routes.infer, methods=["POST"]),
-            Route("/v1/models/{name}/predict", routes.predict, methods=["POST"]),
-            Route("/v1/models/{name}/versions/{version}/predict", routes.predict, methods=["POST"]),
-            Route("/metrics", routes.metrics, methods=["GET"]),
+            Route(path, getattr(routes, handler), methods=[method])
+            for path, method, handler in ROUTES
         ],
+        exception_handlers={HTTPException: routes.http_error},
         lifespan=lifespan,
     )
     app.state.predictor = predictor
@@ -133,10 +169,34 @@ def create_app(
     return app
 
 
+# Path, method and handler of every route; the OpenAPI document describes
+# exactly these.
+ROUTES = (
+    ("/v2", "GET", "server_metadata"),
+    ("/v2/health/live", "GET", "live"),
+    ("/v2/health/ready", "GET", "ready"),
+    ("/v2/models/{name}", "GET", "metadata"),
+    ("/v2/models/{name}/versions/{version}", "GET", "metadata"),
+    ("/v2/models/{name}/ready", "GET", "model_ready"),
+    ("/v2/models/{name}/versions/{version}/ready", "GET", "model_ready"),
+    ("/v2/models/{name}/infer", "POST", "infer"),
+    ("/v2/models/{name}/versions/{version}/infer", "POST", "infer"),
+    ("/v1/models/{name}/predict", "POST", "predict"),
+    ("/v1/models/{name}/versions/{version}/predict", "POST", "predict"),
+    ("/openapi.json", "GET", "openapi"),
+    ("/metrics", "GET", "metrics"),
+)
+
+
 class _Routes:
     def __init__(self, predictor: Predictor):
         self.p = predictor
-        self._store_warned_at = float("-inf")
+        self._errors = ErrorResponses()
+        self._openapi = dumps(openapi_document(predictor.settings, _package_version()))
+        self._server = responses.server_metadata(_package_version())
+
+    async def server_metadata(self, request: Request) -> Response:
+        return JSONResponse(self._server)
 
     async def live(self, request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -145,75 +205,101 @@ class _Routes:
         ready = self.p.ready
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
+    async def openapi(self, request: Request) -> Response:
+        return Response(self._openapi, media_type="application/json")
+
     async def metrics(self, request: Request) -> Response:
         if self.p.cache is not None:
             self.p.cache.update_gauges()
         return Response(generate_latest(self.p.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def http_error(self, request: Request, exc: HTTPException) -> Response:
+        # Starlette raises HTTPException for a path that no route serves
+        # (404) and for a method that the route does not take (405).
+        allowed = (exc.headers or {}).get("Allow")
+        body = route_not_found(request.url.path, request.method, exc.status_code, allowed)
+        self.p.metrics.requests.labels(model=UNKNOWN_MODEL, status=str(exc.status_code)).inc()
+        return json_response(body, exc.status_code, exc.headers)
+
     async def metadata(self, request: Request) -> Response:
-        def build_body(model: LoadedModel, body: bytes) -> dict[str, Any]:
-            return protocol.v2_metadata(model)
+        def build_body(model: LoadedModel, alias: str | None, body: bytes) -> dict[str, Any]:
+            head = self.p.cache.known_head(model.name)
+            return responses.v2_metadata(model, head.aliases if head else {}, alias)
 
         return await self._model_request(request, build_body, read_body=False)
 
     async def model_ready(self, request: Request) -> Response:
-        def build_body(model: LoadedModel, body: bytes) -> dict[str, Any]:
-            return {"name": model.name, "version": str(model.version), "ready": True}
+        def build_body(model: LoadedModel, alias: str | None, body: bytes) -> dict[str, Any]:
+            return {
+                "name": model.name,
+                "version": str(model.version),
+                "ready": True,
+                "version_age_seconds": responses.version_age(model),
+            }
 
         return await self._model_request(request, build_body, read_body=False)
 
     async def infer(self, request: Request) -> Response:
-        def build_body(model: LoadedModel, body: bytes) -> dict[str, Any]:
+        def build_body(model: LoadedModel, alias: str | None, body: bytes) -> dict[str, Any]:
             payload = protocol.parse_json(body)
             rows, requested = protocol.decode_v2(payload, model, self.p.settings.max_batch_rows)
             arrays = model.predict(rows)
             protocol.check_finite(arrays)
             self.p.metrics.rows_predicted.labels(model=model.name).inc(len(rows))
             request_id = payload.get("id")
-            return protocol.v2_response(model, arrays, requested, request_id)
+            return responses.v2_response(model, arrays, requested, request_id, alias)
 
         return await self._model_request(request, build_body, route="v2_infer")
 
     async def predict(self, request: Request) -> Response:
-        def build_body(model: LoadedModel, body: bytes) -> dict[str, Any]:
+        def build_body(model: LoadedModel, alias: str | None, body: bytes) -> dict[str, Any]:
             payload = protocol.parse_json(body)
             rows, ignored = protocol.decode_v1(payload, model, self.p.settings.max_batch_rows)
             arrays = model.predict(rows)
             protocol.check_finite(arrays)
             self.p.metrics.rows_predicted.labels(model=model.name).inc(len(rows))
-            return protocol.v1_response(model, arrays, ignored)
+            return responses.v1_response(model, arrays, ignored, alias)
 
         return await self._model_request(request, build_body, route="v1_predict")
 
     async def _model_request(
         self,
         request: Request,
-        build_body: Callable[[LoadedModel, bytes], dict[str, Any]],
+        build_body: Callable[[LoadedModel, str | None, bytes], dict[str, Any]],
         read_body: bool = True,
         route: str | None = None,
     ) -> Response:
         started = time.perf_counter()
         name = request.path_params["name"]
-        version = request.path_params.get("version")
+        selector = request.path_params.get("version")
         resolved: list[LoadedModel] = []
 
         def work(body: bytes) -> bytes:
             # Runs on a worker thread: the store read of a first load, the
             # encoding and the inference all block.
-            model = self.p.resolve(name, version)
+            model, alias = self.p.resolve(name, selector)
             resolved.append(model)
-            return _dumps(build_body(model, body))
+            return dumps(build_body(model, alias, body))
 
         known = False
         try:
             validate_model_name(name)
-            body = await _read_body(request, self.p.settings.max_body_bytes) if read_body else b""
-            response = Response(await run_in_threadpool(work, body), media_type="application/json")
+            body = await _http.read_body(request, self.p.settings.max_body_bytes) if read_body else b""
+            found = self.p.resolve_cached(name, selector) if len(body) <= INLINE_MAX_BODY_BYTES else None
+            if found is not None:
+                # A small request to a cached session takes well under a
+                # millisecond, less than the hop to a worker thread, so it
+                # runs on the event loop.
+                resolved.append(found[0])
+                content = dumps(build_body(found[0], found[1], body))
+            else:
+                content = await run_in_threadpool(work, body)
+            response = Response(content, media_type="application/json")
         except Exception as exc:
             # A version that cannot be served is known to exist, unless the
             # store failed before confirming that.
             known = isinstance(exc, NotServable) and not exc.store_failed
-            response = self._error(exc, name, version, resolved)
+            response = self._errors.response(exc, name, selector, resolved)
 
         # Only names of models found in the store become label values, so
         # made-up names cannot add series.
@@ -223,87 +309,12 @@ class _Routes:
             self.p.metrics.request_duration.labels(route=route).observe(time.perf_counter() - started)
         return response
 
-    def _error(
-        self, exc: Exception, name: str, version: str | None, resolved: list[LoadedModel]
-    ) -> Response:
-        # The path parts are echoed back cut to size, since they may be invalid.
-        body: dict[str, Any] = {"error": str(exc), "model": name[:MAX_NAME_LENGTH]}
-        if resolved:
-            body["version"] = resolved[0].version
-        elif version is not None:
-            body["version"] = version[:20]
-
-        if isinstance(exc, RequestError):
-            status = exc.status
-            if exc.field is not None:
-                # An unknown key of the body is named as the field.
-                body["field"] = exc.field[:MAX_NAME_LENGTH]
-            if exc.reason is not None:
-                body["reason"] = exc.reason
-        elif isinstance(exc, InvalidInputError):
-            status = 400
-        elif isinstance(exc, ModelNotFound):
-            status = 404
-            body["error"] = f"model {name!r} not found in the model store"
-        elif isinstance(exc, VersionNotFound):
-            status = 404
-        elif isinstance(exc, NotServable):
-            # The public message leaves out the store's message; the session
-            # cache has logged the full one.
-            status = 503
-            body["error"] = exc.public
-        elif isinstance(exc, StoreError):
-            # The store's message names internal hosts and paths, so the
-            # client gets a summary and the log gets the message.
-            status = 503
-            body["error"] = f"the model store is unavailable ({type(exc).__name__}); retry later"
-            now = time.monotonic()
-            if now - self._store_warned_at >= STORE_WARNING_INTERVAL_S:
-                self._store_warned_at = now
-                logger.warning("request for model %s failed: %s (logged once a minute)", name, exc)
-        else:
-            logger.exception("request for model %s failed", name)
-            status = 500
-            body["error"] = f"internal error of the predictor: {type(exc).__name__}"
-        # Messages quote the offending value, which may be megabytes long.
-        if len(body["error"]) > MAX_ERROR_CHARS:
-            body["error"] = body["error"][:MAX_ERROR_CHARS] + "... (message cut)"
-        # _dumps escapes to ASCII, because a JSON string may carry a lone
-        # surrogate (the escape \ud800), which has no UTF-8 encoding.
-        return Response(_dumps(body), status_code=status, media_type="application/json")
-
 
 def _parse_version(raw: str) -> int:
     if not _VERSION.fullmatch(raw):
         raise RequestError(
-            400, f"invalid version {raw[:20]!r} in the path: expected a version number such as 3",
+            400, f"invalid version {raw[:20]!r} in the path: expected a version number such as 3 "
+            "or an alias such as production",
             field="version",
         )
     return int(raw)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise RequestError(400, f"invalid Content-Length header {declared[:20]!r}")
-        if int(declared) > limit:
-            raise RequestError(
-                413, f"the body has {int(declared)} bytes; the maximum is {limit} (max_body_bytes)"
-            )
-
-    # A chunked body has no Content-Length, so the limit is also enforced
-    # while reading.
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(
-                413, f"the body exceeds the maximum of {limit} bytes (max_body_bytes)"
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _dumps(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":"), allow_nan=False).encode()

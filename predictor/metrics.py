@@ -14,9 +14,10 @@ PREFIX = "streamfit_predictor"
 # A linear model predicts a row in well under a millisecond, and a large
 # network or a big batch takes seconds, so the buckets cover both ends.
 REQUEST_BUCKETS = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 )
+
 
 # Label value for requests whose model name is invalid or not in the store,
 # so that clients cannot create a series per made-up name. A valid model
@@ -73,14 +74,66 @@ class PredictorMetrics:
             ["model"],
             registry=registry,
         )
+        self.alias_version = Gauge(
+            f"{PREFIX}_alias_version",
+            "Version number that serves requests for an alias of the model.",
+            ["model", "alias"],
+            registry=registry,
+        )
         self.cache_models = Gauge(
             f"{PREFIX}_cache_models",
-            "onnxruntime sessions held in the cache.",
+            "onnxruntime sessions held in the cache (latest, alias and pinned entries).",
+            registry=registry,
+        )
+        self.cache_bytes = Gauge(
+            f"{PREFIX}_cache_bytes",
+            "Estimated memory of the cached sessions, in bytes (a fixed part per session "
+            "plus twice its ONNX size).",
             registry=registry,
         )
         self.cache_evictions = Counter(
             f"{PREFIX}_cache_evictions_total",
-            "Sessions evicted from the cache because it was full.",
+            "Sessions evicted from the cache, by the bound that was reached (count, memory).",
+            ["reason"],
+            registry=registry,
+        )
+        self.head_checks = Counter(
+            f"{PREFIX}_head_checks_total",
+            "Sweeps of the head watcher over the heads of the cached models, by result (ok, failed).",
+            ["result"],
+            registry=registry,
+        )
+        self.last_head_check = Gauge(
+            f"{PREFIX}_last_head_check_timestamp_seconds",
+            "Unix time of the last sweep that read every cached model's head; the served "
+            "versions are at most this stale.",
+            registry=registry,
+        )
+        self.head_check_duration = Gauge(
+            f"{PREFIX}_head_check_duration_seconds",
+            "Duration of the last sweep of the head watcher, loads of new versions included.",
+            registry=registry,
+        )
+        self.stream_records = Counter(
+            f"{PREFIX}_stream_records_total",
+            "Records of the source topics, by result (predicted, rejected).",
+            ["result"],
+            registry=registry,
+        )
+        self.stream_rejected = Counter(
+            f"{PREFIX}_stream_rejected_total",
+            "Records of the source topics that could not be predicted, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.stream_dead_letters = Counter(
+            f"{PREFIX}_stream_dead_letters_total",
+            "Rejected records sent to the dead-letter topic.",
+            registry=registry,
+        )
+        self.stream_retries = Counter(
+            f"{PREFIX}_stream_retries_total",
+            "Batches of source records read again because the store or Kafka failed.",
             registry=registry,
         )
 
@@ -91,3 +144,10 @@ class PredictorMetrics:
                 gauge.remove(model)
             except KeyError:
                 pass
+
+    def forget_alias(self, model: str, alias: str) -> None:
+        """Drop the gauge of an alias that is no longer served."""
+        try:
+            self.alias_version.remove(model, alias)
+        except KeyError:
+            pass

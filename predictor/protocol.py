@@ -1,4 +1,4 @@
-"""Request decoding and response bodies of the two prediction APIs.
+"""Request decoding of the two prediction APIs; ``predictor.responses`` builds the bodies.
 
 ``/v2/...`` follows the Open Inference Protocol V2 (KServe's REST
 predict protocol): one named input tensor per schema feature. ``/v1/...``
@@ -9,13 +9,12 @@ FeatureSchema, the code the trainer uses, so a row means the same to both.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any, Mapping
 
 import numpy as np
 
 from modelstore.errors import RecordRejected, StreamfitError
-from modelstore.schema import CATEGORICAL
+from modelstore.schema import CATEGORICAL, FLOAT32_MAX
 
 from predictor.loader import LoadedModel
 
@@ -109,11 +108,18 @@ def decode_v1(payload: Any, model: LoadedModel, max_rows: int) -> tuple[np.ndarr
         _check_rows(len(rows), max_rows)
         where = [f"instances[{i}]" for i in range(len(rows))]
 
-    out = np.zeros((len(rows), model.schema.width), dtype=np.float32)
+    out = _encode_columns(model, _rows_to_columns(model, rows), len(rows))
+    if out is None:
+        # Row by row, as the schema does, to name the first row and
+        # feature that fail.
+        out = np.zeros((len(rows), model.schema.width), dtype=np.float32)
+        for i, row in enumerate(rows):
+            out[i] = _encode(model, row, where[i])
     ignored: set[str] = set()
-    for i, row in enumerate(rows):
-        out[i] = _encode(model, row, where[i])
-        if isinstance(row, Mapping) and len(ignored) < MAX_IGNORED_NAMES:
+    for row in rows:
+        if len(ignored) >= MAX_IGNORED_NAMES:
+            break
+        if isinstance(row, Mapping):
             ignored.update(k[:MAX_ECHOED_NAME_CHARS] for k in model.schema.extra_keys(row))
     return out, sorted(ignored)[:MAX_IGNORED_NAMES]
 
@@ -149,17 +155,81 @@ def decode_v2(
         rows = len(data)
         columns[name] = data
 
-    out = np.zeros((rows, model.schema.width), dtype=np.float32)
-    for r in range(rows):
-        out[r] = _encode(model, {n: c[r] for n, c in columns.items()}, f"row {r}")
+    out = _encode_columns(model, columns, rows)
+    if out is None:
+        # Encode row by row, as the schema does, to name the first row and
+        # feature that fail.
+        out = np.zeros((rows, model.schema.width), dtype=np.float32)
+        for r in range(rows):
+            out[r] = _encode(model, {n: c[r] for n, c in columns.items()}, f"row {r}")
     return out, _requested_outputs(payload.get("outputs"), model)
+
+
+class _Absent:
+    """Marks a feature missing from a row object; the column encoder leaves such columns to the row path."""
+
+
+_ABSENT = _Absent()
+_NUMBER_TYPES = {int, float}
+
+
+def _rows_to_columns(model: LoadedModel, rows: list[Any]) -> dict[str, list[Any]] | None:
+    """Turn rows (all objects, or all lists of the schema's width) into columns by feature name."""
+    names = model.schema.names
+    if all(type(row) is dict for row in rows):
+        return {name: [row.get(name, _ABSENT) for row in rows] for name in names}
+    if all(type(row) is list and len(row) == len(names) for row in rows):
+        return dict(zip(names, map(list, zip(*rows))))
+    return None
+
+
+def _encode_columns(
+    model: LoadedModel, columns: Mapping[str, list[Any]] | None, rows: int
+) -> np.ndarray | None:
+    """Encode whole columns with numpy, or return None when a value needs the row-wise checks.
+
+    Every column must be present, numeric columns plain finite numbers
+    within the float32 range, and categorical columns strings in the
+    vocabulary. Anything else (a missing feature, null, an unknown
+    category) takes the row-wise path of FeatureSchema, which applies the
+    missing and unknown policies and names the failing row.
+    """
+    if columns is None:
+        return None
+    schema = model.schema
+    out = np.zeros((rows, schema.width), dtype=np.float32)
+    start = 0
+    for index, feature in enumerate(schema.features):
+        data = columns.get(feature.name)
+        if data is None:
+            return None
+        if feature.kind == CATEGORICAL:
+            lookup = model.category_index[index]
+            try:
+                positions = [lookup[value] for value in data]
+            except (KeyError, TypeError):
+                return None
+            out[np.arange(rows), start + np.asarray(positions, dtype=np.intp)] = 1.0
+        else:
+            # Exact types: bool is a subclass of int but not a number here.
+            if not set(map(type, data)) <= _NUMBER_TYPES:
+                return None
+            try:
+                values = np.asarray(data, dtype=np.float64)
+            except OverflowError:
+                return None
+            if not np.all(np.abs(values) <= FLOAT32_MAX):
+                return None
+            out[:, start] = values
+        start += feature.width
+    return out
 
 
 def _decode_tensor(tensor: Any, where: str, model: LoadedModel, max_rows: int) -> tuple[str, list[Any]]:
     if not isinstance(tensor, Mapping):
         raise RequestError(400, f"{where}: expected a tensor object, got {_json_type(tensor)}", field=where)
     name = tensor.get("name")
-    features = {f.name: f for f in model.schema.features}
+    features = model.features_by_name
     # A JSON list or object as the name is unhashable, so it is checked first.
     if not isinstance(name, str) or name not in features:
         raise RequestError(
@@ -263,95 +333,6 @@ def check_finite(arrays: Mapping[str, np.ndarray]) -> None:
                 422, f"row {row}: output {kind!r} is not finite for this input; check the "
                 "feature values for extreme magnitudes", field=f"row {row}",
             )
-
-
-def v1_response(model: LoadedModel, arrays: Mapping[str, np.ndarray], ignored: list[str]) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": model.name,
-        "version": model.version,
-        "version_age_seconds": _round(model.age_seconds()),
-    }
-    if model.is_classifier:
-        body["predictions"] = arrays["label"].tolist()
-        body["labels"] = list(model.classes)
-        for kind in ("probabilities", "scores"):
-            if kind in arrays:
-                body[kind] = arrays[kind].tolist()
-    else:
-        body["predictions"] = arrays["value"].reshape(-1).tolist()
-    if ignored:
-        body["ignored_features"] = ignored
-    return body
-
-
-def v2_response(
-    model: LoadedModel, arrays: Mapping[str, np.ndarray], requested: list[str] | None, request_id: Any
-) -> dict[str, Any]:
-    outputs = []
-    for kind in requested or list(arrays):
-        array = arrays[kind]
-        if kind == "value":
-            array = array.reshape(-1)
-        outputs.append({
-            "name": kind,
-            "datatype": _datatype(array),
-            "shape": list(array.shape),
-            "data": array.reshape(-1).tolist(),
-        })
-    body: dict[str, Any] = {
-        "model_name": model.name,
-        "model_version": str(model.version),
-        "outputs": outputs,
-        "parameters": {"version_age_seconds": _round(model.age_seconds())},
-    }
-    if isinstance(request_id, str):
-        body["id"] = request_id
-    return body
-
-
-def v2_metadata(model: LoadedModel) -> dict[str, Any]:
-    inputs = [
-        {
-            "name": f.name,
-            "datatype": "BYTES" if f.kind == CATEGORICAL else "FP32",
-            "shape": [-1],
-        }
-        for f in model.schema.features
-    ]
-    outputs = []
-    for kind in model.outputs:
-        if kind == "label":
-            is_int = model.classes and isinstance(model.classes[0], int)
-            outputs.append({"name": kind, "datatype": "INT64" if is_int else "BYTES", "shape": [-1]})
-        elif kind in ("probabilities", "scores"):
-            outputs.append({"name": kind, "datatype": "FP32", "shape": [-1, len(model.classes or ())]})
-        else:
-            outputs.append({"name": kind, "datatype": "FP32", "shape": [-1]})
-    body: dict[str, Any] = {
-        "name": model.name,
-        "versions": [str(model.version)],
-        "platform": "onnxruntime",
-        "inputs": inputs,
-        "outputs": outputs,
-        "parameters": {"task": model.task, "created_at": model.created_at},
-    }
-    if model.classes is not None:
-        body["parameters"]["labels"] = list(model.classes)
-    return body
-
-
-def _datatype(array: np.ndarray) -> str:
-    if array.dtype.kind in ("U", "O", "S"):
-        return "BYTES"
-    if array.dtype.kind in ("i", "u"):
-        return "INT64"
-    if array.dtype == np.float64:
-        return "FP64"
-    return "FP32"
-
-
-def _round(value: float | None) -> float | None:
-    return None if value is None or not math.isfinite(value) else round(value, 3)
 
 
 def _json_type(value: Any) -> str:

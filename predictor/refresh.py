@@ -1,9 +1,10 @@
-"""Background thread that moves loaded models to their newest version.
+"""Background thread that moves cached models to the versions their heads name.
 
-Requests never read the store to find the latest version: this thread reads
-the head of every loaded model each ``refresh_interval_ms``, and loads and
-warms a newer version before the cache swaps it in. A new version is
-therefore served about one interval after its publish, plus its load time.
+Requests never read the store to find the latest version or an alias: this
+thread reads the heads of every cached model each ``refresh_interval_ms``,
+and loads and warms a new version before the cache swaps it in. A new
+version is therefore served about one interval after its publish, plus the
+time to read the heads and to load it.
 """
 
 from __future__ import annotations
@@ -11,24 +12,53 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Iterable
 
-from modelstore.base import ModelStore
-from modelstore.errors import ModelNotFound, StoreError
+from modelstore.base import Head, ModelStore
+from modelstore.errors import ModelNotFound, StoreError, VersionNotFound
 
+from predictor.metrics import PredictorMetrics
 from predictor.sessions import SessionCache
 
 logger = logging.getLogger(__name__)
 
 # Unexpected errors of the loop are logged at most this often.
 ERROR_LOG_INTERVAL_S = 60.0
+# Heads read in one call of a store's bulk read, so one sweep over many
+# thousands of models does not hold one huge request.
+HEAD_BATCH = 1000
+
+
+def read_heads(store: ModelStore, names: list[str]) -> dict[str, Head | ModelNotFound]:
+    """Read the heads of ``names`` in one bulk read: a Head, or ModelNotFound for a model that is gone.
+
+    Raises StoreError when the store fails.
+    """
+    found = store.heads(names)
+    return {
+        name: found.get(name) or ModelNotFound(f"model {name!r} not found in the model store")
+        for name in names
+    }
+
+
+def _batches(names: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(names), size):
+        yield names[start:start + size]
 
 
 class HeadWatcher:
     """Poll model heads on one daemon thread and mark the service ready once the store responds."""
 
-    def __init__(self, store: ModelStore, cache: SessionCache, interval_ms: int):
+    def __init__(
+        self,
+        store: ModelStore,
+        cache: SessionCache,
+        interval_ms: int,
+        metrics: PredictorMetrics | None = None,
+    ):
         self._store = store
         self._cache = cache
+        self._metrics = metrics
         self._interval_s = interval_ms / 1000.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,22 +102,42 @@ class HeadWatcher:
             self._stop.wait(max(0.0, self._interval_s - elapsed))
 
     def refresh_all(self) -> None:
-        """Check the head of every loaded model once and swap in newer versions."""
-        for current in self._cache.loaded_latest():
+        """Read the head of every cached model once and swap in the versions they name."""
+        started = time.monotonic()
+        for names in _batches(self._cache.tracked_models(), HEAD_BATCH):
             if self._stop.is_set():
                 return
             try:
-                self._cache.refresh(current.name, current)
-            except ModelNotFound:
-                self._log_error(
-                    f"model {current.name!r} is not in the store any more; version "
-                    f"{current.version} keeps serving until it is evicted",
-                    exc_info=False,
-                )
+                heads = read_heads(self._store, names)
+                for name in names:
+                    self._apply(name, heads[name])
             except StoreError as exc:
                 self._note_store_down(exc)
+                if self._metrics is not None:
+                    self._metrics.head_checks.labels(result="failed").inc()
                 return
         self._note_store_up()
+        if self._metrics is not None:
+            self._metrics.head_checks.labels(result="ok").inc()
+            self._metrics.last_head_check.set(time.time())
+            self._metrics.head_check_duration.set(time.monotonic() - started)
+
+    def _apply(self, name: str, head: Head | ModelNotFound) -> None:
+        if isinstance(head, ModelNotFound):
+            self._log_error(
+                f"model {name!r} is not in the store any more; its cached versions keep "
+                "serving until they are evicted",
+                exc_info=False,
+            )
+            return
+        try:
+            self._cache.apply_head(head)
+        except (ModelNotFound, VersionNotFound) as exc:
+            # The model or a version changed between the head read and the
+            # load; the next sweep reads the head again.
+            self._log_error(
+                f"model {name!r}: {exc}; its cached versions keep serving", exc_info=False
+            )
 
     def _probe_store(self) -> None:
         try:

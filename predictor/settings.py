@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from modelstore.errors import ConfigError
+from modelstore.errors import ConfigError, InvalidModelName
+from modelstore.names import validate_model_name
 
 CPU_MAX_PATH = Path("/sys/fs/cgroup/cpu.max")
 
@@ -50,13 +52,30 @@ class PredictorSettings:
     port: int = field(default=8080, metadata={"help": "port the HTTP server listens on"})
     refresh_interval_ms: int = field(
         default=250,
-        metadata={"help": "interval between reads of the heads of loaded models, in ms; a new "
-                          "version is served at most this long after its publish, plus its load time"},
+        metadata={"help": "interval between reads of the heads of cached models, in ms; a new "
+                          "version or a moved alias is served about this long after the head "
+                          "changes, plus the time to read the heads and load the version"},
     )
     cache_max_models: int = field(
         default=256,
-        metadata={"help": "maximum number of onnxruntime sessions kept (least recently used "
-                          "are evicted); a pinned version counts as one session"},
+        metadata={"help": "maximum number of onnxruntime sessions kept for the latest version "
+                          "or an alias of a model (least recently used are evicted)"},
+    )
+    cache_max_pinned: int = field(
+        default=32,
+        metadata={"help": "maximum number of sessions kept for versions requested by number; "
+                          "they have their own LRU, so a client walking old versions never "
+                          "evicts the latest versions of other models"},
+    )
+    cache_max_bytes: int = field(
+        default=1024**3,
+        metadata={"help": "maximum estimated memory of all cached sessions, in bytes; pinned "
+                          "versions are evicted first, then the least recently used"},
+    )
+    load_wait_ms: int = field(
+        default=10_000,
+        metadata={"help": "longest wait, in ms, of a request for a model version that another "
+                          "request is loading; after it the request gets a 503 to retry"},
     )
     max_body_bytes: int = field(
         default=4 * 1024 * 1024, metadata={"help": "maximum request body size in bytes (413 above)"}
@@ -75,6 +94,39 @@ class PredictorSettings:
                           "in sequential execution mode, so 1 is enough"},
     )
 
+    source: str | None = field(
+        default=None,
+        metadata={"help": "kafka://host:port[,host:port]/topic[,topic]: also predict the feature "
+                          "records of these topics and send the predictions to output_topic"},
+    )
+    output_topic: str | None = field(
+        default=None, metadata={"help": "topic that receives one prediction per record of source"},
+    )
+    stream_dead_letter_topic: str | None = field(
+        default=None,
+        metadata={"help": "topic that receives the records of source that cannot be predicted, "
+                          "with the reason in headers (default: count and log them only)"},
+    )
+    stream_group_id: str = field(
+        default="streamfit-predictor",
+        metadata={"help": "Kafka consumer group of the source; the offsets of predicted "
+                          "records are committed to it"},
+    )
+    stream_model: str | None = field(
+        default=None,
+        metadata={"help": "predict every record of source with this model (default: the "
+                          "record's 'model' field, else its message key)"},
+    )
+    stream_max_record_bytes: int = field(
+        default=1024 * 1024,
+        metadata={"help": "maximum size of one record value of source, in bytes; larger "
+                          "records are rejected as too_large"},
+    )
+    stream_batch_records: int = field(
+        default=500,
+        metadata={"help": "maximum records of source read and predicted in one batch"},
+    )
+
     def __post_init__(self) -> None:
         if not isinstance(self.store, str) or not self.store:
             raise ConfigError(f"store: expected a store URL, got {self.store!r}")
@@ -83,10 +135,58 @@ class PredictorSettings:
         _check_int("port", self.port, 0, 65535)
         _check_int("refresh_interval_ms", self.refresh_interval_ms, 10, 3_600_000)
         _check_int("cache_max_models", self.cache_max_models, 1, 1_000_000)
+        _check_int("cache_max_pinned", self.cache_max_pinned, 1, 1_000_000)
+        _check_int("cache_max_bytes", self.cache_max_bytes, 64 * 1024, 2**50)
+        _check_int("load_wait_ms", self.load_wait_ms, 1, 3_600_000)
         _check_int("max_body_bytes", self.max_body_bytes, 1024, 1024**3)
         _check_int("max_batch_rows", self.max_batch_rows, 1, 10_000_000)
         _check_int("intra_op_threads", self.intra_op_threads, 1, 1024)
         _check_int("inter_op_threads", self.inter_op_threads, 1, 1024)
+        _check_int("stream_max_record_bytes", self.stream_max_record_bytes, 64, 1024**3)
+        _check_int("stream_batch_records", self.stream_batch_records, 1, 100_000)
+        self._check_stream()
+
+    def _check_stream(self) -> None:
+        for name in ("source", "output_topic", "stream_dead_letter_topic", "stream_model"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{name}: expected a non-empty string or no value, got {value!r}")
+        if not isinstance(self.stream_group_id, str) or not self.stream_group_id:
+            raise ConfigError(
+                f"stream_group_id: expected a consumer group name, got {self.stream_group_id!r}"
+            )
+        if self.source is None:
+            for name in ("output_topic", "stream_dead_letter_topic", "stream_model"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{name}={getattr(self, name)!r} needs a source; set source to "
+                        "kafka://host:port/topic or remove the setting"
+                    )
+            return
+        source = parse_kafka_source(self.source)
+        if self.output_topic is None:
+            raise ConfigError(
+                f"source {self.source!r} needs output_topic, the topic that receives the predictions"
+            )
+        for name in ("output_topic", "stream_dead_letter_topic"):
+            topic = getattr(self, name)
+            if topic is not None:
+                check_topic_name(name, topic)
+                if topic in source.topics:
+                    raise ConfigError(
+                        f"{name} {topic!r} is also a source topic, so the predictor would read "
+                        "its own output; choose another topic"
+                    )
+        if self.output_topic == self.stream_dead_letter_topic:
+            raise ConfigError(
+                f"output_topic and stream_dead_letter_topic are both {self.output_topic!r}; "
+                "send rejected records to another topic"
+            )
+        if self.stream_model is not None:
+            try:
+                validate_model_name(self.stream_model)
+            except InvalidModelName as exc:
+                raise ConfigError(f"stream_model: {exc}") from None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "PredictorSettings":
@@ -137,6 +237,52 @@ def mask_url_password(url: str) -> str:
         return url
     user = userinfo.split(":", 1)[0]
     return f"{scheme}://{user}:***@{hostport}{slash}{path}"
+
+
+@dataclass(frozen=True)
+class KafkaSource:
+    """A parsed ``kafka://host:port[,host:port]/topic[,topic]`` URL."""
+
+    bootstrap_servers: tuple[str, ...]
+    topics: tuple[str, ...]
+
+
+# Kafka's own rule for topic names: at most 249 of these characters.
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def parse_kafka_source(url: str) -> KafkaSource:
+    """Parse a source URL, or raise ConfigError naming the URL and the expected form."""
+    expected = "expected kafka://host:port[,host:port]/topic[,topic]"
+    scheme, sep, rest = url.partition("://")
+    hosts, slash, topics = rest.partition("/")
+    if "@" in hosts:
+        # The URL is not echoed, because it may contain a password.
+        raise ConfigError(
+            "source: the URL contains user information (user:password@); Kafka credentials "
+            "are not taken from the source URL"
+        )
+    if scheme != "kafka" or not sep:
+        raise ConfigError(f"source {url!r}: {expected}")
+    servers = tuple(h for h in hosts.split(",") if h)
+    names = tuple(t for t in topics.split(",") if t)
+    if not slash or not servers or not names:
+        raise ConfigError(f"source {url!r}: {expected}")
+    for server in servers:
+        host, colon, port = server.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"source {url!r}: {server!r} is not host:port; {expected}")
+    for name in names:
+        check_topic_name("source", name)
+    return KafkaSource(servers, names)
+
+
+def check_topic_name(setting: str, topic: str) -> None:
+    if not _TOPIC.fullmatch(topic) or topic in (".", ".."):
+        raise ConfigError(
+            f"{setting}: {topic[:80]!r} is not a Kafka topic name; use 1 to 249 ASCII letters, "
+            "digits, '.', '_' or '-'"
+        )
 
 
 def _check_int(name: str, value: Any, low: int, high: int) -> None:

@@ -21,7 +21,7 @@ from modelstore.errors import StreamfitError
 
 COMMANDS = {
     "worker": "consume labelled records and publish refitted model versions",
-    "predictor": "serve predictions over HTTP from the latest model versions",
+    "predictor": "serve predictions over HTTP (and from a Kafka topic) from the latest model versions",
     "produce": "send a JSON-lines or CSV file to a Kafka topic",
     "flights": "write the NYC flights 2013 data as labelled JSON lines",
     "models": "list, inspect, promote, roll back, export and import models in a store",

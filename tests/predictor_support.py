@@ -10,10 +10,17 @@ The predictor package itself never imports scikit-learn or skl2onnx.
 from __future__ import annotations
 
 import functools
+import json
+import os
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -42,6 +49,7 @@ HINGE_SPEC = {"estimator": "SGDClassifier", "params": {"loss": "hinge"}, "scaler
 REGRESSOR_SPEC = {"estimator": "SGDRegressor", "params": {}, "scaler": None, "features": FEATURES}
 
 SCHEMA = FeatureSchema.from_list(FEATURES)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CARRIERS = ["AA", "DL", "UA"]
 
 
@@ -128,12 +136,23 @@ def publish(
     ``onnx_bytes`` replaces the artifact and ``overrides`` replace metadata keys,
     to publish broken versions.
     """
-    data, meta, task = onnx_model(kind, seed)
-    spec = spec_for(kind)
     if name not in store.list_models():
-        store.create_model(name, spec)
+        store.create_model(name, spec_for(kind))
+    return _publish_on(store, store.head(name), kind, seed, onnx_bytes, overrides)
+
+
+def create_and_publish(store: ModelStore, name: str, kind: str = "sgd", seed: int = 0) -> VersionInfo:
+    """Create ``name`` and publish its version 1, without listing the store's models first."""
+    head = store.create_model(name, spec_for(kind))
+    return _publish_on(store, head, kind, seed, None, {})
+
+
+def _publish_on(
+    store: ModelStore, head: Any, kind: str, seed: int, onnx_bytes: bytes | None, overrides: dict[str, Any]
+) -> VersionInfo:
+    data, meta, task = onnx_model(kind, seed)
     metadata = {
-        "spec": spec,
+        "spec": spec_for(kind),
         "task": task,
         "samples_learned": 200,
         "offsets": {},
@@ -148,7 +167,7 @@ def publish(
     }
     metadata.update(overrides)
     artifacts = {"onnx": data if onnx_bytes is None else onnx_bytes, "state": b"not used by the predictor"}
-    return store.publish(store.head(name), artifacts, metadata)
+    return store.publish(head, artifacts, metadata)
 
 
 def sklearn_predict(kind: str, seed: int, rows: list[dict[str, Any]]) -> np.ndarray:
@@ -221,3 +240,79 @@ def corrupt_artifact(db_path: Any, info: VersionInfo, kind: str = "onnx") -> Non
             )
     finally:
         conn.close()
+
+
+SERVE_SETTINGS = (
+    "import json, sys\n"
+    "from predictor.server import run\n"
+    "from predictor.settings import PredictorSettings\n"
+    "run(PredictorSettings(**json.loads(sys.argv[1])))\n"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PredictorProcess:
+    """``predictor.server.run`` in its own process on a free port of 127.0.0.1.
+
+    The process writes its log to ``log_path``; ``stop`` sends SIGTERM and
+    waits, and kills it only if it does not exit within 20 s.
+    """
+
+    def __init__(self, log_path: Path, **settings: Any):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        settings = {"port": self.port, "intra_op_threads": 1, **settings}
+        env = {k: v for k, v in os.environ.items() if k != "WEB_CONCURRENCY"}
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", SERVE_SETTINGS, json.dumps(settings)],
+                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
+
+    def wait_ready(self, timeout_s: float = 60.0) -> "PredictorProcess":
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"the predictor exited early:\n{self.log()}"
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"the predictor was not ready within {timeout_s} s:\n{self.log()}")
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process, from /proc (Linux)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(f"no VmRSS line for process {self.proc.pid}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def scrape_value(url: str, name: str, labels: str = "") -> float | None:
+    """Read one sample of a metric from the /metrics text of the server at ``url``."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None

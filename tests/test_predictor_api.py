@@ -196,7 +196,9 @@ def test_v2_model_metadata(client):
         ("/v2/models/flights/infer", {"inputs": [{"name": "month", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}, 400, "use [n] or [n, 1]"),
         ("/v2/models/flights/infer", {"inputs": [{"name": "month", "shape": [1], "datatype": "INT64", "data": [1.5]}]}, 400, "takes integers"),
         ("/v2/models/flights/infer", {"inputs": [{"name": "month", "shape": [1], "datatype": "FP32", "data": [1]}]}, 400, "'distance' is missing"),
-        ("/v1/models/flights/versions/x1/predict", {"features": {}}, 400, "invalid version 'x1'"),
+        ("/v1/models/flights/versions/1x/predict", {"features": {}}, 400, "invalid version '1x'"),
+        ("/v1/models/flights/versions/x1/predict", {"features": {}}, 404, "has no alias 'x1'"),
+        ("/v1/models/flights/versions/x:1/predict", {"features": {}}, 400, "invalid alias name 'x:1'"),
         ("/v1/models/bad:name/predict", {"features": {}}, 400, "invalid model name"),
         ("/v1/models/absent/predict", {"features": {}}, 404, "not found"),
         ("/v1/models/flights/versions/9/predict", {"features": {}}, 404, "version 9"),
@@ -307,6 +309,7 @@ def test_predictor_imports_no_sklearn():
         "import json, sys\n"
         "import predictor, predictor.app, predictor.server, predictor.sessions, predictor.refresh\n"
         "import predictor.metrics, predictor.settings, predictor.loader, predictor.protocol\n"
+        "import predictor.responses, predictor.versions, predictor.openapi, predictor.streaming\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('sklearn', 'skl2onnx'))))"
     )
     out = subprocess.run(
@@ -324,7 +327,7 @@ class OutageStore:
 
     def __getattr__(self, attr):
         method = getattr(self.store, attr)
-        if attr not in ("head", "version", "artifact", "list_models"):
+        if attr not in ("head", "heads", "version", "artifact", "list_models"):
             return method
 
         def call(*args, **kwargs):

@@ -73,7 +73,7 @@ def test_unknown_model_and_version(store, metrics):
         cache.latest("absent")
     with pytest.raises(VersionNotFound):
         cache.pinned("flights", 7)
-    with pytest.raises(NotServable, match="carries only the spec"):
+    with pytest.raises(VersionNotFound, match="carries only the spec"):
         cache.pinned("flights", 0)
     assert len(cache) == 0
 
@@ -180,7 +180,7 @@ def test_lru_evicts_least_recently_used(store, metrics):
     cache.latest("c")
 
     assert len(cache) == 2
-    assert value(metrics, "streamfit_predictor_cache_evictions_total") == 1
+    assert value(metrics, "streamfit_predictor_cache_evictions_total", {"reason": "count"}) == 1
     assert value(metrics, "streamfit_predictor_cache_models") == 2
     assert cache.latest("a") is a
     assert {m.name for m in cache.loaded_latest()} == {"a", "c"}
@@ -245,10 +245,10 @@ class CountingStore:
 
     def __init__(self, store):
         self.store = store
-        self.heads = 0
+        self.head_reads = 0
 
     def head(self, name):
-        self.heads += 1
+        self.head_reads += 1
         return self.store.head(name)
 
     def __getattr__(self, attr):
@@ -261,7 +261,7 @@ def test_missing_model_answered_from_memory_briefly(store, metrics):
     for _ in range(5):
         with pytest.raises(ModelNotFound, match="later"):
             cache.latest("later")
-    assert counting.heads == 1
+    assert counting.head_reads == 1
 
     pm.publish(store, "later", "sgd", seed=1)
     deadline = time.monotonic() + 10
@@ -272,4 +272,4 @@ def test_missing_model_answered_from_memory_briefly(store, metrics):
         except ModelNotFound:
             time.sleep(0.02)
     assert cache.latest("later").version == 1
-    assert counting.heads >= 2
+    assert counting.head_reads >= 2

@@ -71,3 +71,44 @@ def test_public_dict_masks_password():
     assert "s3cret" not in str(settings.public_dict())
     assert mask_url_password("couchbase://app:s3cret@h/b") == "couchbase://app:***@h/b"
     assert mask_url_password("sqlite:///models.db") == "sqlite:///models.db"
+
+
+SOURCE = "kafka://127.0.0.1:9092/features"
+
+
+@pytest.mark.parametrize(
+    "values, fragment",
+    [
+        ({"source": SOURCE}, "needs output_topic"),
+        ({"output_topic": "out"}, "output_topic='out' needs a source"),
+        ({"stream_dead_letter_topic": "dead"}, "needs a source"),
+        ({"source": "kafka://127.0.0.1:9092", "output_topic": "out"}, "expected kafka://host:port"),
+        ({"source": "http://127.0.0.1:9092/t", "output_topic": "out"}, "expected kafka://host:port"),
+        ({"source": "kafka://localhost/t", "output_topic": "out"}, "'localhost' is not host:port"),
+        ({"source": "kafka://127.0.0.1:9092/bad topic", "output_topic": "out"}, "not a Kafka topic name"),
+        ({"source": SOURCE, "output_topic": "features"}, "also a source topic"),
+        ({"source": SOURCE, "output_topic": "out", "stream_dead_letter_topic": "out"}, "both 'out'"),
+        ({"source": SOURCE, "output_topic": "out", "stream_model": "bad:name"}, "stream_model: invalid model name"),
+        ({"cache_max_bytes": 1000}, "cache_max_bytes: 1000 is out of range"),
+        ({"load_wait_ms": 0}, "load_wait_ms: 0 is out of range"),
+    ],
+)
+def test_stream_and_cache_settings_checked(values, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        PredictorSettings.from_mapping(values)
+
+
+def test_source_credentials_never_echoed():
+    with pytest.raises(ConfigError) as error:
+        PredictorSettings(source="kafka://user:s3cret@127.0.0.1:9092/t", output_topic="out")
+    assert "s3cret" not in str(error.value)
+    assert "user information" in str(error.value)
+
+
+def test_stream_settings_from_strings():
+    settings = PredictorSettings.from_mapping({
+        "source": "kafka://127.0.0.1:9092,127.0.0.1:9093/a,b", "output_topic": "predictions",
+        "stream_batch_records": "50",
+    })
+    assert settings.stream_batch_records == 50
+    assert settings.stream_group_id == "streamfit-predictor"
