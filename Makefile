@@ -29,7 +29,7 @@ test: venv
 # Streams the flights data through the worker into .work/demo/models.db
 # while the predictor serves, then prints a report.
 demo: venv
-	$(VENV)/bin/streamfit demo
+	$(VENV)/bin/streamfit demo --plot .work/demo/flights.png
 
 # Removes the test servers' configs, logs and data. The cached Kafka jars and
 # gocaves binary stay in ${XDG_CACHE_HOME:-~/.cache}/streamfit-test-servers.

@@ -283,6 +283,7 @@ class SessionCache:
             "model %s%s: swapped version %d for version %d, loaded and warmed in %.3f s",
             name, "" if selector is LATEST else f" alias {selector}",
             current.version, new.version, new.load_seconds,
+            extra={"model": name, "version": new.version},
         )
         return True
 

@@ -67,18 +67,20 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _configure_logging(level: str, log_format: str | None = None) -> None:
+    from streamfit.logs import configure_logging
+
+    configure_logging(level, log_format)
 
 
 def _settings_parser(command: str, settings_cls: type) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"streamfit {command}", description=COMMANDS[command])
     parser.add_argument("--config", help="TOML file with a [%s] table of settings" % command)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--log-format", default=None, choices=("text", "json"),
+        help="log lines as plain text or as JSON objects (default: STREAMFIT_LOG_FORMAT, else text)",
+    )
     for field in dataclasses.fields(settings_cls):
         default = _field_default(field)
         if isinstance(default, dict):
@@ -106,23 +108,24 @@ def _field_default(field: dataclasses.Field) -> Any:
     return None
 
 
-def _load_settings(command: str, settings_cls: type, argv: list[str]) -> tuple[Any, str]:
+def _load_settings(command: str, settings_cls: type, argv: list[str]) -> tuple[Any, str, str | None]:
     from streamfit.config import merge_settings
 
     parser = _settings_parser(command, settings_cls)
     args = vars(parser.parse_args(argv))
     config_file = args.pop("config")
     log_level = args.pop("log_level")
+    log_format = args.pop("log_format")
     defaults = {f.name: _field_default(f) for f in dataclasses.fields(settings_cls)}
     merged = merge_settings(command, defaults, args, config_file=config_file)
-    return settings_cls.from_mapping(merged), log_level
+    return settings_cls.from_mapping(merged), log_level, log_format
 
 
 def _run_worker(argv: list[str]) -> int:
     from worker.settings import WorkerSettings
 
-    settings, log_level = _load_settings("worker", WorkerSettings, argv)
-    _configure_logging(log_level)
+    settings, log_level, log_format = _load_settings("worker", WorkerSettings, argv)
+    _configure_logging(log_level, log_format)
     from worker.loop import run
 
     return run(settings)
@@ -131,8 +134,8 @@ def _run_worker(argv: list[str]) -> int:
 def _run_predictor(argv: list[str]) -> int:
     from predictor.settings import PredictorSettings
 
-    settings, log_level = _load_settings("predictor", PredictorSettings, argv)
-    _configure_logging(log_level)
+    settings, log_level, log_format = _load_settings("predictor", PredictorSettings, argv)
+    _configure_logging(log_level, log_format)
     from predictor.server import run
 
     return run(settings)

@@ -31,6 +31,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="streamfit demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=".work/demo", help="folder for the data file and the store")
     parser.add_argument("--rows", type=int, default=100_000, help="flights to stream, in time order")
+    parser.add_argument("--plot", metavar="FILE", default=None,
+                        help="also write a PNG of the model's test-then-train accuracy and samples "
+                             "learned across its versions (needs streamfit[plot])")
     parser.add_argument(
         "--batch-max-records", type=int, default=100,
         help="records per refit; small batches let the model follow the drifting delay rate",
@@ -76,6 +79,11 @@ def main(argv: list[str]) -> int:
         print(f"the worker exited with code {worker_code}; see {workdir / 'worker.log'}")
         return 1
     _report(store_url, rows, during, after, time.monotonic() - started)
+    if args.plot:
+        from streamfit.plots import plot_model
+
+        with open_store(store_url) as store:
+            print(f"  history picture              {plot_model(store, MODEL, args.plot)}")
     return 0
 
 

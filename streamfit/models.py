@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     which = show.add_mutually_exclusive_group()
     which.add_argument("--version", type=int, default=None, help="version number (default: the latest)")
     which.add_argument("--alias", default=None, help="show the version this alias points at")
+    show.add_argument("--plot", metavar="FILE", default=None,
+                      help="also write a PNG of the test-then-train metric and samples learned "
+                           "across the model's versions (needs streamfit[plot])")
     action("history").add_argument("model")
     create = action("create")
     create.add_argument("model")
@@ -139,7 +143,14 @@ def _show(store, args) -> dict:
         version = head.aliases[args.alias]
     info = store.version(args.model, version)
     meta = info.metadata
+    plot = None
+    if args.plot:
+        from streamfit.plots import plot_model
+
+        plot = plot_model(store, args.model, args.plot)
     if args.json:
+        if plot is not None:
+            print(f"wrote {plot}", file=sys.stderr)
         return {"json": dict(meta)}
     rows = [
         ("model", args.model),
@@ -155,6 +166,8 @@ def _show(store, args) -> dict:
     ]
     for kind, entry in sorted(meta.get("artifacts", {}).items()):
         rows.append((f"artifact {kind}", _artifact_text(info, entry)))
+    if plot is not None:
+        rows.append(("plot", str(plot)))
     return {"json": None, "table": ([{"field": f, "value": v} for f, v in rows], ["field", "value"])}
 
 

@@ -224,3 +224,31 @@ def test_error_values_by_task():
     assert absolute.tolist() == [0.5, 2.0]
     with pytest.raises(InvalidInputError, match="y_true has 2 rows but y_pred has 1"):
         error_values(np.array([1, 2]), np.array([1]), "classification")
+
+
+def test_trainer_records_drift_in_metadata(tmp_path):
+    # A concept flip after 20 batches: the label follows the other feature.
+    from modelstore import open_store
+    from trainer.refit import Batch, Trainer
+
+    spec = {"estimator": "SGDClassifier", "params": {"loss": "log_loss"},
+            "features": [{"name": "x"}, {"name": "y"}], "labels": [0, 1]}
+    rng = np.random.default_rng(0)
+    events = []
+    with open_store(f"sqlite:///{tmp_path / 'm.db'}") as store:
+        store.create_model("m", spec)
+        trainer = Trainer(store)
+        for i in range(30):
+            X = rng.normal(size=(200, 2)).astype(np.float32)
+            y = (X[:, 0] > 0).astype(int) if i < 20 else (X[:, 1] > 0).astype(int)
+            result = trainer.refit("m", Batch(X=X, y=y, positions=[("t/0", 200 * i + j) for j in range(200)]))
+            events += [(result.version.version, e.direction) for e in result.drift]
+        drift = store.version("m").metadata["drift"]
+
+    # Early versions may report a fall of the error rate while the model
+    # learns; the first rise comes with the first batch of the new concept.
+    increases = [version for version, direction in events if direction == INCREASE]
+    assert increases[:1] == [21], events
+    assert drift["detections"][INCREASE] >= 1
+    assert drift["n_seen"] == 29 * 200
+    assert DriftMonitor.from_dict(drift).detections == len(events)

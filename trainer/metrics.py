@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from modelstore.schema import LabelSet
+from trainer.drift import error_values
 
 
 class ClassificationMetrics:
@@ -123,13 +124,33 @@ class ClusteringMetrics:
         }
 
 
-def score_batch(metrics, learner, X: np.ndarray, y: np.ndarray | None) -> None:
-    """Score one batch with ``learner`` before it learns the batch (nothing when unfitted)."""
-    fitted = learner.is_fitted
+def score_batch(metrics, learner, X: np.ndarray, y: np.ndarray | None) -> np.ndarray | None:
+    """Score one batch with ``learner`` before it learns the batch, and return the per-row errors.
+
+    The errors are 0/1 for a classifier, absolute errors for a regressor and
+    squared distances to the nearest center for a clustering model; None
+    when the learner is not fitted yet, which scores nothing.
+    """
+    if not learner.is_fitted:
+        metrics.update(None) if isinstance(metrics, ClusteringMetrics) else metrics.update(y, None)
+        return None
     if isinstance(metrics, ClusteringMetrics):
-        metrics.update(nearest_sq_distance(learner, X) if fitted else None)
-    else:
-        metrics.update(y, learner.predict(X) if fitted else None)
+        distances = nearest_sq_distance(learner, X)
+        metrics.update(distances)
+        return distances
+    predictions = learner.predict(X)
+    metrics.update(y, predictions)
+    task = "classification" if isinstance(metrics, ClassificationMetrics) else "regression"
+    return error_values(y, predictions, task)
+
+
+SCORED_COUNTS = ("n_scored", "correct", "baseline_correct", "sum_abs_error")
+
+
+def scored_delta(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> dict[str, float]:
+    """Return what one batch added to the cumulative counts that the worker exports as counters."""
+    before = before or {}
+    return {key: after[key] - before.get(key, 0) for key in SCORED_COUNTS if key in after}
 
 
 def nearest_sq_distance(learner, X: np.ndarray) -> np.ndarray:

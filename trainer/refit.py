@@ -34,7 +34,8 @@ from trainer.artifacts import Exporter, version_payload
 from trainer.cache import LRU
 from trainer.holdout import learn_candidate
 from trainer.learner import Learner
-from trainer.metrics import metrics_for_spec, score_batch
+from trainer.drift import DriftEvent, resume_monitor
+from trainer.metrics import metrics_for_spec, score_batch, scored_delta
 from trainer.spec import ModelSpec
 from trainer.state import load_state
 
@@ -72,6 +73,10 @@ class RefitResult:
     learned: int
     skipped: int
     conflicts: int
+    # Changes of the error rate that this batch's scores showed, at most one per direction.
+    drift: list[DriftEvent] = field(default_factory=list)
+    # What this batch added to the cumulative test-then-train counts.
+    scored: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,9 @@ class Trainer:
         learner = loaded.learner
         learner.validate(X, y)
         metrics = metrics_for_spec(spec, info.metadata.get("metrics"))
-        score_batch(metrics, learner, X, y)
+        errors = score_batch(metrics, learner, X, y)
+        drift = resume_monitor(info.metadata.get("drift"), spec.task)
+        drift_events = drift.update(errors) if errors is not None else []
         learner, gate_report = learn_candidate(learner, X, y)
         exported = self._exporter.export(model, learner, X)
 
@@ -174,10 +181,14 @@ class Trainer:
             rejected=batch.rejected,
             gate_report=gate_report,
         )
+        metadata["drift"] = drift.to_dict()
         version = self.store.publish(head, artifacts, metadata)
         self._learners.pop((model, head.latest_id))
         self._learners.put((model, version.publish_id), _Loaded(version, spec, learner))
-        return RefitResult(version=version, learned=int(keep.sum()), skipped=skipped, conflicts=0)
+        return RefitResult(
+            version=version, learned=int(keep.sum()), skipped=skipped, conflicts=0, drift=drift_events,
+            scored=scored_delta(info.metadata.get("metrics"), metadata["metrics"]),
+        )
 
     def _load(self, model: str, head: Head) -> _Loaded:
         key = (model, head.latest_id)
