@@ -24,6 +24,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from modelstore import open_store
 from streamfit.flights import read_flights, write_json_lines
 from streamfit.produce import produce_file
+from worker_support import audit_versions
 
 RECORDS = 100_000
 MODEL = "flights"
@@ -103,7 +104,7 @@ def test_flights_learned_and_served(kafka_server, kafka_topic, couchbase_store_u
     worker = _start([
         "worker", "--source", f"kafka://{kafka_server.bootstrap}/{topic}",
         "--store", couchbase_store_url, "--group-id", group, "--model", MODEL,
-        "--model-spec", str(spec), "--batch-max-records", "100", "--metrics-port", "0",
+        "--model-spec", str(spec), "--batch-max-records", "50", "--metrics-port", "0",
     ], worker_log, env)
     predictor = _start([
         "predictor", "--store", couchbase_store_url, "--host", "127.0.0.1", "--port", str(port),
@@ -123,6 +124,8 @@ def test_flights_learned_and_served(kafka_server, kafka_topic, couchbase_store_u
         info = _wait_for(learned_all, LEARN_TIMEOUT_S, "worker learned every record", watched)
         assert info.samples_learned == RECORDS
         assert sum(info.offsets.values()) == RECORDS
+        # Every version learned exactly the records its offsets moved past.
+        assert audit_versions(couchbase_store_url, MODEL).version == info.version
 
         def committed_at_end():
             committed, end = _committed_and_end(kafka_server.bootstrap, topic, group)

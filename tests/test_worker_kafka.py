@@ -13,29 +13,27 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 import uuid
-from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
-from prometheus_client import CollectorRegistry
+from kafka import KafkaConsumer
 
 from modelstore import open_store
-from worker.loop import run
-from worker.settings import WorkerSettings
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-WAIT_S = 60
-
-SPEC_X = {
-    "estimator": "SGDClassifier",
-    "params": {"loss": "log_loss"},
-    "features": [{"name": "x"}],
-    "labels": [0, 1],
-}
+from worker_support import (
+    REPO_ROOT,
+    WorkerThread,
+    committed_offsets,
+    create_models,
+    create_topic,
+    end_offsets,
+    kafka_source,
+    log_contains,
+    produce,
+    record_x,
+    samples_learned,
+    start_worker_process,
+    wait_until,
+)
 
 # The five messages of one partition: good, undecodable bytes, truncated
 # JSON, a JSON array, good.
@@ -53,119 +51,14 @@ def store_url(tmp_path):
     return f"sqlite:///{tmp_path}/models.db"
 
 
-def create_models(store_url, *names, spec=SPEC_X):
-    with open_store(store_url) as store:
-        for name in names:
-            store.create_model(name, spec)
-
-
-def produce(bootstrap, topic, messages, partition=None):
-    """Send (key, value) pairs and wait until the broker acknowledged all of them."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap)
-    try:
-        for key, value in messages:
-            producer.send(topic, key=key, value=value, partition=partition)
-        producer.flush(timeout=30)
-    finally:
-        producer.close(timeout=10)
-
-
-_admins: dict[str, KafkaAdminClient] = {}
-
-
-@pytest.fixture(autouse=True)
-def _close_admins():
-    yield
-    while _admins:
-        _admins.popitem()[1].close()
-
-
-def committed_offsets(bootstrap, group_id):
-    """Return the group's committed offsets as {"topic/partition": offset}."""
-    admin = _admins.get(bootstrap)
-    if admin is None:
-        admin = _admins[bootstrap] = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        offsets = admin.list_group_offsets({group_id: None}).get(group_id, {})
-    except KafkaError as err:
-        # The group coordinator is not ready right after the broker starts.
-        if not err.retriable:
-            raise
-        return {}
-    return {f"{tp.topic}/{tp.partition}": meta.offset for tp, meta in offsets.items()}
-
-
-def end_offsets(bootstrap, topic, partitions):
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-        ends = consumer.end_offsets(tps)
-    finally:
-        consumer.close()
-    return {f"{tp.topic}/{tp.partition}": offset for tp, offset in ends.items()}
-
-
-def samples_learned(store_url, model):
-    with open_store(store_url) as store:
-        return store.version(model).samples_learned
-
-
-def wait_until(predicate, description, timeout=WAIT_S, seen=None):
-    """Poll ``predicate`` until it is true; ``seen()`` describes the last state on timeout."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    last = f"; last seen: {seen()}" if seen is not None else ""
-    raise AssertionError(f"timed out after {timeout} s waiting until {description}{last}")
-
-
-class WorkerThread:
-    """Runs ``worker.loop.run`` in a thread; ``stop()`` returns its exit code."""
-
-    def __init__(self, **mapping):
-        mapping.setdefault("metrics_port", 0)
-        mapping.setdefault("batch_max_wait_ms", 200)
-        mapping.setdefault("poll_timeout_ms", 200)
-        self.settings = WorkerSettings.from_mapping(mapping)
-        self.registry = CollectorRegistry()
-        self.stop_event = threading.Event()
-        self.exit_code = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        self.exit_code = run(self.settings, stop=self.stop_event, registry=self.registry)
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def stop(self, timeout=WAIT_S):
-        self.stop_event.set()
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the worker did not stop"
-        return self.exit_code
-
-    def metric(self, name, **labels):
-        return self.registry.get_sample_value(name, labels or None) or 0
-
-    def rejected(self, reason):
-        return self.metric("streamfit_worker_records_rejected_total", reason=reason)
-
-
-def kafka_source(kafka_server, topic):
-    return f"kafka://{kafka_server.bootstrap}/{topic}"
-
-
 def test_bad_bytes_between_good_records(kafka_server, kafka_topic, store_url, caplog):
     topic = kafka_topic(1)
     create_models(store_url, "sensor")
     produce(kafka_server.bootstrap, topic, [(b"sensor", value) for value in BAD_BYTES_STREAM])
     group = f"bad-bytes-{uuid.uuid4().hex[:8]}"
 
-    caplog.set_level(logging.WARNING, logger="worker.loop")
-    worker = WorkerThread(source=kafka_source(kafka_server, topic), store=store_url, group_id=group).start()
+    caplog.set_level(logging.WARNING, logger="worker.rejections")
+    worker = WorkerThread(source=kafka_source(kafka_server.bootstrap, topic), store=store_url, group_id=group).start()
     try:
         wait_until(lambda: committed_offsets(kafka_server.bootstrap, group).get(f"{topic}/0") == 5,
                    "the committed offset reaches the end of the partition")
@@ -182,7 +75,7 @@ def test_bad_bytes_between_good_records(kafka_server, kafka_topic, store_url, ca
     with open_store(store_url) as store:
         assert store.version("sensor").offsets == {f"{topic}/0": 5}
 
-    messages = [r.getMessage() for r in caplog.records if r.name == "worker.loop"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "worker.rejections"]
     for offset, reason in [(1, "not_utf8"), (2, "invalid_json"), (3, "not_object")]:
         assert any(f"{topic}/0 offset {offset}: {reason}" in m for m in messages), (offset, reason)
 
@@ -215,7 +108,7 @@ def test_mixed_bad_input_stream(kafka_server, kafka_topic, store_url):
     ends = end_offsets(kafka_server.bootstrap, topic, 2)
 
     worker = WorkerThread(
-        source=kafka_source(kafka_server, topic), store=store_url, group_id=group, batch_max_records=2
+        source=kafka_source(kafka_server.bootstrap, topic), store=store_url, group_id=group, batch_max_records=2
     ).start()
     try:
         wait_until(lambda: committed_offsets(kafka_server.bootstrap, group) == ends,
@@ -235,13 +128,109 @@ def test_mixed_bad_input_stream(kafka_server, kafka_topic, store_url):
     assert worker.metric("streamfit_worker_records_consumed_total") == len(MIXED)
 
 
+MiB = 1024 * 1024
+# A value of 5 MiB, valid JSON, above the worker's default max_record_bytes (1 MiB).
+HUGE_VALUE = b'{"features":{"x":1.0},"label":0,"padding":"' + b"a" * (5 * MiB) + b'"}'
+
+# (key, value, the reason it is rejected for)
+BAD_CORPUS = [
+    (b"m", b"\xff\xfe\x00garbage", "not_utf8"),
+    (b"m", b'{"features": {"x": 1', "invalid_json"),
+    (b"m", b"[1, 2, 3]", "not_object"),
+    (b"m", b'{"features": {"x": "high"}, "label": 0}', "wrong_type"),
+    (b"m", b'{"features": {"x": NaN}, "label": 0}', "non_finite"),
+    (b"m", b'{"features": {"x": Infinity}, "label": 1}', "non_finite"),
+    (b"m", b'{"features": [1.0, 2.0], "label": 0}', "wrong_width"),
+    (b"m", b'{"features": {"x": 1.0}, "label": 7}', "unknown_label"),
+    (b"m", HUGE_VALUE, "too_large"),
+    (b"m", b"", "empty"),
+    (None, b'{"features": {"x": 1.0}, "label": 1}', "missing_model"),
+]
+
+
+@pytest.mark.slow
+def test_bad_input_corpus(kafka_server, store_url):
+    # The topic accepts messages up to 6 MiB, above the broker's default
+    # message.max.bytes (1 MB), so the 5 MiB record reaches the worker.
+    topic = create_topic(kafka_server.bootstrap, 1, "corpus", {"max.message.bytes": str(6 * MiB)})
+    dead = create_topic(kafka_server.bootstrap, 1, "corpus-dead")
+    create_models(store_url, "m")
+    # A good record before, between and after the bad ones.
+    messages = [(b"m", record_x(0))]
+    for i, (key, value, _) in enumerate(BAD_CORPUS, start=1):
+        messages += [(key, value), (b"m", record_x(i))]
+    produce(kafka_server.bootstrap, topic, messages, max_request_size=6 * MiB)
+    group = f"corpus-{uuid.uuid4().hex[:8]}"
+
+    worker = WorkerThread(
+        source=kafka_source(kafka_server.bootstrap, topic), store=store_url, group_id=group,
+        dead_letter_topic=dead,
+    ).start()
+    try:
+        wait_until(lambda: committed_offsets(kafka_server.bootstrap, group).get(f"{topic}/0") == len(messages),
+                   "the committed offset reaches the end of the partition")
+    finally:
+        assert worker.stop() == 0
+
+    good = len(BAD_CORPUS) + 1
+    with open_store(store_url) as store:
+        versions = store.versions("m")
+    info = max(versions, key=lambda v: v.version)
+    assert info.samples_learned == good
+    assert info.offsets == {f"{topic}/0": len(messages)}
+    # Records rejected after their model was found are counted in its versions.
+    stored_rejections: dict[str, int] = {}
+    for version in versions:
+        for reason, count in version.metadata.get("rejected", {}).items():
+            stored_rejections[reason] = stored_rejections.get(reason, 0) + count
+    assert stored_rejections == {"wrong_type": 1, "wrong_width": 1, "unknown_label": 1}
+    assert worker.metric("streamfit_worker_model_records_rejected_total", model="m") == 3
+    assert worker.metric("streamfit_worker_records_learned_total", model="m") == good
+    expected: dict[str, int] = {}
+    for _, _, reason in BAD_CORPUS:
+        expected[reason] = expected.get(reason, 0) + 1
+    for reason, count in expected.items():
+        assert worker.rejected(reason) == count, reason
+    total_rejected = sum(
+        sample.value for metric in worker.registry.collect()
+        if metric.name == "streamfit_worker_records_rejected"
+        for sample in metric.samples if sample.name.endswith("_total")
+    )
+    assert total_rejected == len(BAD_CORPUS)
+
+    consumer = KafkaConsumer(
+        dead, bootstrap_servers=kafka_server.bootstrap, auto_offset_reset="earliest",
+        consumer_timeout_ms=10_000,
+    )
+    try:
+        letters = [record for _, record in zip(range(len(BAD_CORPUS)), consumer)]
+    finally:
+        consumer.close()
+    assert len(letters) == len(BAD_CORPUS)
+    for letter, (key, value, reason) in zip(letters, BAD_CORPUS):
+        headers = dict(letter.headers)
+        assert headers["streamfit.reason"] == reason.encode()
+        assert headers["streamfit.source"] == f"{topic}/0".encode()
+        assert headers["streamfit.detail"]
+        assert letter.key == key
+        if reason == "too_large":
+            assert letter.value is None
+            assert headers["streamfit.value_bytes"] == str(len(HUGE_VALUE)).encode()
+        else:
+            assert letter.value == value, reason
+    # Bad record i sits at offset 2 * i - 1, between good records.
+    assert [int(dict(letter.headers)["streamfit.offset"]) for letter in letters] == [
+        2 * i - 1 for i in range(1, len(BAD_CORPUS) + 1)
+    ]
+
+
 def test_restart_learns_nothing_twice(kafka_server, kafka_topic, store_url):
     topic = kafka_topic(1)
     create_models(store_url, "r")
     first = [(b"r", json.dumps({"features": {"x": i}, "label": i % 2}).encode()) for i in range(10)]
     produce(kafka_server.bootstrap, topic, first)
     group = f"restart-{uuid.uuid4().hex[:8]}"
-    source = kafka_source(kafka_server, topic)
+    source = kafka_source(kafka_server.bootstrap, topic)
 
     worker = WorkerThread(source=source, store=store_url, group_id=group, batch_max_records=4).start()
     try:
@@ -287,7 +276,7 @@ def test_dead_letters_carry_reason(kafka_server, kafka_topic, store_url):
     group = f"dlq-{uuid.uuid4().hex[:8]}"
 
     worker = WorkerThread(
-        source=kafka_source(kafka_server, topic), store=store_url, group_id=group, dead_letter_topic=dead
+        source=kafka_source(kafka_server.bootstrap, topic), store=store_url, group_id=group, dead_letter_topic=dead
     ).start()
     try:
         wait_until(lambda: committed_offsets(kafka_server.bootstrap, group).get(f"{topic}/0") == 5,
@@ -312,56 +301,6 @@ def test_dead_letters_carry_reason(kafka_server, kafka_topic, store_url):
     assert all(r.key == b"sensor" for r in letters)
 
 
-def test_rebalance_drops_unpublished_buffers(kafka_server, kafka_topic, store_url, caplog):
-    topic = kafka_topic(4)
-    models = ["m0", "m1", "m2", "m3"]
-    create_models(store_url, *models)
-    group = f"pair-{uuid.uuid4().hex[:8]}"
-    source = kafka_source(kafka_server, topic)
-
-    def produce_range(start, stop):
-        # Model i's records go to partition i, so every partition has records.
-        for partition, model in enumerate(models):
-            produce(kafka_server.bootstrap, topic, [
-                (model.encode(), json.dumps({"features": {"x": i}, "label": i % 2}).encode())
-                for i in range(start, stop)
-            ], partition=partition)
-
-    caplog.set_level(logging.INFO, logger="worker.loop")
-    # The first worker keeps its records buffered for 5 s, and its short
-    # heartbeat interval makes it see the second member join well before that.
-    first = WorkerThread(
-        source=source, store=store_url, group_id=group, batch_max_wait_ms=5000,
-        kafka_options={"heartbeat_interval_ms": 300},
-    ).start()
-    produce_range(0, 20)
-    wait_until(lambda: first.metric("streamfit_worker_records_buffered") == 80,
-               "the first worker buffers all 80 records")
-    second = WorkerThread(source=source, store=store_url, group_id=group, batch_max_records=5).start()
-    produce_range(20, 40)
-    ends = end_offsets(kafka_server.bootstrap, topic, 4)
-    try:
-        wait_until(lambda: committed_offsets(kafka_server.bootstrap, group) == ends,
-                   f"every partition is committed to its end {ends}",
-                   seen=lambda: (committed_offsets(kafka_server.bootstrap, group),
-                                 [(w.metric("streamfit_worker_records_consumed_total"),
-                                   w.metric("streamfit_worker_records_buffered"),
-                                   w.metric("streamfit_worker_records_skipped_total")) for w in (first, second)]))
-    finally:
-        assert first.stop() == 0
-        assert second.stop() == 0
-
-    messages = [r.getMessage() for r in caplog.records if r.name == "worker.loop"]
-    assert any(m.startswith("Dropped ") and " buffered " in m and "revoked" in m for m in messages), \
-        "the first worker never dropped its buffered records on revocation"
-    for model in models:
-        assert samples_learned(store_url, model) == 40, model
-    learned = sum(
-        w.metric("streamfit_worker_records_learned_total", model=m) for w in (first, second) for m in models
-    )
-    assert learned == 160
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="uses SIGKILL and SIGTERM")
 def test_cli_worker_killed_and_restarted(kafka_server, kafka_topic, store_url, tmp_path):
     topic = kafka_topic(1)
@@ -372,7 +311,7 @@ def test_cli_worker_killed_and_restarted(kafka_server, kafka_topic, store_url, t
     group = f"cli-{uuid.uuid4().hex[:8]}"
     command = [
         sys.executable, "-c", "import sys; from streamfit.cli import main; sys.exit(main())",
-        "worker", "--source", kafka_source(kafka_server, topic), "--store", store_url,
+        "worker", "--source", kafka_source(kafka_server.bootstrap, topic), "--store", store_url,
         "--group-id", group, "--metrics-port", "0", "--batch-max-records", "10",
         "--batch-max-wait-ms", "100",
     ]
@@ -409,3 +348,43 @@ def test_cli_worker_killed_and_restarted(kafka_server, kafka_topic, store_url, t
 def _latest_version(store_url, model):
     with open_store(store_url) as store:
         return store.head(model).latest
+
+
+def test_sigterm_during_slow_refits(kafka_server, kafka_topic, store_url, tmp_path):
+    topic = kafka_topic(1)
+    create_models(store_url, "slow")
+    produce(kafka_server.bootstrap, topic, [(b"slow", record_x(i)) for i in range(30)])
+    group = f"sigterm-{uuid.uuid4().hex[:8]}"
+    args = [
+        "--source", kafka_source(kafka_server.bootstrap, topic), "--store", store_url,
+        "--group-id", group, "--metrics-port", "0", "--batch-max-records", "10",
+        "--shutdown-timeout-ms", "5000",
+    ]
+    log_path = tmp_path / "worker.log"
+
+    # Every refit takes 3 s, so the 5 s shutdown bound cannot publish all
+    # three batches that are buffered or running when SIGTERM arrives.
+    worker = start_worker_process(args, log_path, refit_delay_s=3)
+    try:
+        wait_until(log_contains(log_path, "Worker started"), "the worker starts")
+        wait_until(lambda: "Published model slow version 1" in log_path.read_text(),
+                   "the worker publishes its first version")
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    assert "Worker stopped with 10 records not published" in text, text[-3000:]
+
+    # Only what was published is committed, and a second run learns the rest once.
+    with open_store(store_url) as store:
+        stored = store.version("slow").offsets
+    assert committed_offsets(kafka_server.bootstrap, group) == stored
+    assert stored[f"{topic}/0"] == 20
+    second = WorkerThread(source=kafka_source(kafka_server.bootstrap, topic), store=store_url, group_id=group).start()
+    try:
+        wait_until(lambda: committed_offsets(kafka_server.bootstrap, group).get(f"{topic}/0") == 30,
+                   "a second worker learns the rest")
+    finally:
+        assert second.stop() == 0
+    assert samples_learned(store_url, "slow") == 30

@@ -166,3 +166,102 @@ def test_csv_undecodable_cell_rejected(tmp_path):
 def test_missing_file_is_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot open source file"):
         FileSource(FileSourceConfig(str(tmp_path / "none.jsonl"), "jsonl"))
+
+
+def kafka_settings(**values):
+    return WorkerSettings.from_mapping({"source": "kafka://127.0.0.1:9092/t", **values})
+
+
+def test_buffer_bound_below_batch_rejected():
+    with pytest.raises(ConfigError, match="max_buffered_records 500 is below batch_max_records 1000"):
+        kafka_settings(max_buffered_records=500)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("shutdown_timeout_ms", -1, "invalid shutdown_timeout_ms -1"),
+        ("max_conflict_attempts", 0, "invalid max_conflict_attempts 0"),
+        ("learner_cache_size", 0, "invalid learner_cache_size 0"),
+        ("learner_cache_bytes", 1000, "invalid learner_cache_bytes 1000"),
+    ],
+)
+def test_new_limits_validated(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        kafka_settings(**{key: value})
+
+
+def test_secret_from_file_and_env(tmp_path, monkeypatch):
+    secret = tmp_path / "password"
+    secret.write_text("file-secret\n")
+    monkeypatch.setenv("KAFKA_SSL_KEY_PASSWORD", "env-secret")
+    settings = kafka_settings(kafka_options={
+        "security_protocol": "SASL_SSL",
+        "sasl_plain_password_file": str(secret),
+        "ssl_password_env": "KAFKA_SSL_KEY_PASSWORD",
+    })
+    options = settings.consumer_options()
+    assert options["sasl_plain_password"] == "file-secret"
+    assert options["ssl_password"] == "env-secret"
+    assert "sasl_plain_password_file" not in options
+    assert options["security_protocol"] == "SASL_SSL"
+
+
+def test_secret_never_in_repr(tmp_path):
+    settings = kafka_settings(kafka_options={"sasl_plain_password": "literal-secret", "sasl_mechanism": "PLAIN"})
+    assert "literal-secret" not in repr(settings)
+    assert "literal-secret" not in str(settings)
+    assert "'sasl_plain_password': '***'" in repr(settings)
+    assert "'sasl_mechanism': 'PLAIN'" in repr(settings)
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"sasl_plain_password_env": "STREAMFIT_TEST_NO_SUCH_VARIABLE"},
+         "names the environment variable STREAMFIT_TEST_NO_SUCH_VARIABLE, which is not set"),
+        ({"sasl_plain_password_file": "/no/such/secret"}, r"cannot read '/no/such/secret'"),
+        ({"sasl_plain_password": "a", "sasl_plain_password_env": "X"}, "sets sasl_plain_password twice"),
+        ({"bootstrap_servers_env": "X"}, "kafka_options.bootstrap_servers_env cannot be set"),
+        ({"partition_assignment_strategy": ["fastest"]}, "invalid kafka_options.partition_assignment_strategy"),
+        ({"partition_assignment_strategy": ["range", "cooperative-sticky"]}, "cannot mix cooperative-sticky"),
+    ],
+)
+def test_invalid_kafka_options_rejected(options, match):
+    with pytest.raises(ConfigError, match=match):
+        kafka_settings(kafka_options=options)
+
+
+def test_secret_error_hides_value(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match="is empty") as info:
+        kafka_settings(kafka_options={"ssl_password_file": str(empty)})
+    assert str(empty) in str(info.value)
+
+
+def test_consumer_defaults_and_assignors():
+    from kafka.coordinator.assignors.cooperative_sticky import CooperativeStickyAssignor
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+    options = kafka_settings().consumer_options()
+    assert options["partition_assignment_strategy"] == (CooperativeStickyAssignor,)
+    assert options["max_partition_fetch_bytes"] == 16 * 1024
+    options = kafka_settings(kafka_options={"partition_assignment_strategy": ["range"],
+                                            "max_partition_fetch_bytes": 1024 * 1024}).consumer_options()
+    assert options["partition_assignment_strategy"] == (RangePartitionAssignor,)
+    assert options["max_partition_fetch_bytes"] == 1024 * 1024
+
+
+def test_learner_cache_fits_memory_bound():
+    from worker.startup import estimate_learner_bytes, learner_cache_size
+    from trainer.spec import ModelSpec
+
+    spec = {"estimator": "SGDClassifier", "params": {"loss": "log_loss"},
+            "features": [{"name": f"f{i}"} for i in range(1000)], "labels": [0, 1]}
+    per_learner = estimate_learner_bytes(ModelSpec.from_dict(spec))
+    # 1000 float64 columns: 8 bytes each for the coefficients and the scaler's three statistics.
+    assert per_learner > 32_000
+    settings = kafka_settings(learner_cache_size=1000, learner_cache_bytes=64 * per_learner)
+    assert learner_cache_size(settings, spec) == 64
+    assert learner_cache_size(settings, None) == 1000

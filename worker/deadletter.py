@@ -2,7 +2,10 @@
 
 Each dead letter keeps the original key and value bytes and carries headers
 ``streamfit.reason`` (the rejection code), ``streamfit.detail``,
-``streamfit.source`` (``topic/partition``) and ``streamfit.offset``.
+``streamfit.source`` (``topic/partition``) and ``streamfit.offset``. A value
+larger than ``max_record_bytes`` (rejected as ``too_large``) is not copied:
+its dead letter has no value and a ``streamfit.value_bytes`` header with the
+original size, because the topic would reject it as too large as well.
 """
 
 from __future__ import annotations
@@ -30,17 +33,18 @@ class DeadLetters:
         topic: str,
         *,
         bootstrap_servers: list[str],
-        kafka_options: Mapping[str, Any],
+        consumer_options: Mapping[str, Any],
         max_record_bytes: int,
         metrics: WorkerMetrics,
         flush_timeout_ms: int,
     ):
         shared = {
             key: value
-            for key, value in kafka_options.items()
+            for key, value in consumer_options.items()
             if key.startswith(_SHARED_PREFIXES) and key in KafkaProducer.DEFAULT_CONFIG
         }
         self.topic = topic
+        self._max_value_bytes = max_record_bytes
         self._metrics = metrics
         self._flush_timeout_s = flush_timeout_ms / 1000
         self._failures_logged = 0
@@ -68,6 +72,9 @@ class DeadLetters:
             ("streamfit.source", partition.encode()),
             ("streamfit.offset", str(offset).encode()),
         ]
+        if value is not None and len(value) > self._max_value_bytes:
+            headers.append(("streamfit.value_bytes", str(len(value)).encode()))
+            value = None
         try:
             future = self._producer.send(self.topic, value=value, key=key, headers=headers)
         except Exception as err:

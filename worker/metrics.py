@@ -1,8 +1,10 @@
 """Prometheus metrics of the worker, registered on a registry passed in.
 
-Labels stay bounded: ``model`` (the model name) and ``reason`` (a rejection
-code from ``worker.records`` or a publish check). Offsets, keys and ids are
-never labels.
+Labels stay bounded: ``model`` (the name of a model that exists in the
+store), ``reason`` (a rejection code from ``worker.records`` or a publish
+check) and ``partition`` (``topic/partition`` of a partition assigned to this
+worker; its series are removed when the partition is revoked or lost).
+Offsets, keys and ids are never labels.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ class WorkerMetrics:
             registry=registry,
         )
         self.records_buffered = Gauge(
-            p + "records_buffered", "Records buffered and not yet published.", registry=registry
+            p + "records_buffered", "Records buffered or being refit, not yet published.",
+            registry=registry,
         )
         self.batch_size = Histogram(
             p + "batch_size_records", "Records per refit batch.", buckets=BATCH_BUCKETS,
@@ -63,7 +66,8 @@ class WorkerMetrics:
             registry=registry,
         )
         self.publish_conflicts = Counter(
-            p + "publish_conflicts", "Publishes that lost a compare-and-swap and were rebased.",
+            p + "publish_conflicts",
+            "Publishes that lost a compare-and-swap to another writer and were rebased or retried.",
             registry=registry,
         )
         self.publish_rejected = Counter(
@@ -80,6 +84,36 @@ class WorkerMetrics:
         )
         self.dead_letters = Counter(
             p + "dead_letters", "Rejected records sent to the dead-letter topic.", registry=registry
+        )
+        self.model_records_rejected = Counter(
+            p + "model_records_rejected",
+            "Records rejected, by model, for records whose model exists.", ["model"],
+            registry=registry,
+        )
+        self.last_publish = Gauge(
+            p + "last_publish_timestamp_seconds",
+            "Unix time of the latest version this worker published, by model.", ["model"],
+            registry=registry,
+        )
+        self.partition_lag = Gauge(
+            p + "partition_lag_records",
+            "Log end offset minus the offset this worker last committed, by partition.",
+            ["partition"], registry=registry,
+        )
+        self.store_available = Gauge(
+            p + "store_available",
+            "1 while the model store answers, 0 from a failed store call until one succeeds.",
+            registry=registry,
+        )
+        self.store_available.set(1)
+        self.fetch_paused = Gauge(
+            p + "fetch_paused",
+            "1 while fetching is paused (store unavailable, buffers full or shutting down).",
+            registry=registry,
+        )
+        self.broker_connections = Gauge(
+            p + "broker_connections", "Open connections to Kafka brokers (0 while they are unreachable).",
+            registry=registry,
         )
         self.dead_letter_failures = Counter(
             p + "dead_letter_failures", "Rejected records the dead-letter topic did not accept.",

@@ -22,9 +22,12 @@ class OffsetTracker:
         self._pending: dict[str, set[int]] = {}
         self._next: dict[str, int] = {}
         self._committed: dict[str, int] = {}
+        self._first: dict[str, int] = {}
 
     def consumed(self, partition: str, offset: int) -> None:
         """Record that ``offset`` was read; it is done unless ``add_pending`` follows."""
+        if partition not in self._next:
+            self._first[partition] = offset
         self._next[partition] = offset + 1
 
     def add_pending(self, partition: str, offset: int) -> None:
@@ -55,11 +58,16 @@ class OffsetTracker:
         return out
 
     def uncommitted(self, partitions: Iterable[str] | None = None) -> dict[str, int]:
-        """Return the committable offsets that moved past the last successful commit."""
+        """Return the committable offsets that moved past the last commit.
+
+        Before this worker's first commit of a partition, the first offset
+        read counts as committed: the consumer started there, so committing
+        it again would only repeat the group's offset.
+        """
         return {
             partition: offset
             for partition, offset in self.committable(partitions).items()
-            if offset > self._committed.get(partition, -1)
+            if offset > self.lag_base(partition)
         }
 
     def mark_committed(self, offsets: dict[str, int]) -> None:
@@ -67,9 +75,19 @@ class OffsetTracker:
             if offset > self._committed.get(partition, -1):
                 self._committed[partition] = offset
 
+    def lag_base(self, partition: str) -> int | None:
+        """Return the offset lag is counted from: the last commit, else the first offset read.
+
+        A consumer starts reading at the group's committed offset, so before
+        this worker's first commit the first offset read stands for it.
+        """
+        committed = self._committed.get(partition)
+        return committed if committed is not None else self._first.get(partition)
+
     def forget(self, partitions: Iterable[str]) -> None:
         """Drop all state of partitions this worker no longer owns."""
         for partition in partitions:
             self._pending.pop(partition, None)
             self._next.pop(partition, None)
             self._committed.pop(partition, None)
+            self._first.pop(partition, None)

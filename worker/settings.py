@@ -13,26 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from kafka import KafkaConsumer
-
 from modelstore.errors import ConfigError, InvalidModelName
 from modelstore.names import validate_model_name
+from worker.kafka_config import check_options, masked, resolve_options
 
 MiB = 1024 * 1024
-
-# The worker sets these consumer options itself, because its delivery
-# guarantee depends on them: offsets are committed by hand after a publish,
-# and values reach the decoder as raw bytes.
-RESERVED_KAFKA_OPTIONS = frozenset(
-    {
-        "bootstrap_servers",
-        "group_id",
-        "enable_auto_commit",
-        "key_deserializer",
-        "value_deserializer",
-        "auto_offset_reset",
-    }
-)
 
 
 @dataclass(frozen=True)
@@ -97,6 +82,37 @@ class WorkerSettings:
     max_retry_backoff_ms: int = field(
         default=30_000, metadata={"help": "longest pause between retries while the store is unavailable, in milliseconds"}
     )
+    max_buffered_records: int = field(
+        default=20_000,
+        metadata={"help": "pause fetching while this many records are buffered or being refit; "
+                          "at least batch_max_records"},
+    )
+    shutdown_timeout_ms: int = field(
+        default=30_000,
+        metadata={"help": "on SIGTERM, longest time spent publishing buffered records before the rest "
+                          "is left to be read again, in milliseconds"},
+    )
+    max_conflict_attempts: int = field(
+        default=3,
+        metadata={"help": "publish attempts of one batch when other writers publish the same model "
+                          "first; then the batch is retried later"},
+    )
+    learner_cache_size: int = field(
+        default=1000, metadata={"help": "learners (one per model) kept in memory between refits"}
+    )
+    learner_cache_bytes: int = field(
+        default=512 * MiB,
+        metadata={"help": "memory for cached learners, in bytes; estimated from model_spec when it is set"},
+    )
+
+    def __repr__(self) -> str:
+        # The generated repr would show secret consumer options such as a
+        # SASL password, and settings end up in logs and tracebacks.
+        values = ", ".join(
+            f"{f.name}={masked(self.kafka_options) if f.name == 'kafka_options' else getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"WorkerSettings({values})"
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any]) -> "WorkerSettings":
@@ -133,6 +149,17 @@ class WorkerSettings:
         _require_int("metrics_port", self.metrics_port, 0, 65535)
         _require_int("commit_timeout_ms", self.commit_timeout_ms, 100, 600_000)
         _require_int("max_retry_backoff_ms", self.max_retry_backoff_ms, 100, 3_600_000)
+        _require_int("max_buffered_records", self.max_buffered_records, 1, 10_000_000)
+        _require_int("shutdown_timeout_ms", self.shutdown_timeout_ms, 0, 3_600_000)
+        _require_int("max_conflict_attempts", self.max_conflict_attempts, 1, 100)
+        _require_int("learner_cache_size", self.learner_cache_size, 1, 1_000_000)
+        _require_int("learner_cache_bytes", self.learner_cache_bytes, MiB, 1024 * 1024 * MiB)
+        if self.max_buffered_records < self.batch_max_records:
+            raise ConfigError(
+                f"max_buffered_records {self.max_buffered_records} is below batch_max_records "
+                f"{self.batch_max_records}, so a batch could never fill; raise max_buffered_records "
+                "or lower batch_max_records"
+            )
         if self.exit_at_end is not None and not isinstance(self.exit_at_end, bool):
             raise ConfigError(
                 f"invalid exit_at_end {self.exit_at_end!r}: expected true or false"
@@ -149,7 +176,7 @@ class WorkerSettings:
                     f"invalid model_spec {self.model_spec!r}: no such file; "
                     "give the path of a JSON model spec"
                 )
-        self._validate_kafka_options()
+        check_options(self.kafka_options)
 
         source = self.parsed_source()
         if self.dead_letter_topic is not None:
@@ -173,23 +200,9 @@ class WorkerSettings:
             return self.exit_at_end
         return isinstance(self.parsed_source(), FileSourceConfig)
 
-    def _validate_kafka_options(self) -> None:
-        if not isinstance(self.kafka_options, Mapping):
-            raise ConfigError(
-                f"invalid kafka_options {self.kafka_options!r}: expected a table of "
-                "KafkaConsumer options"
-            )
-        for key in self.kafka_options:
-            if key in RESERVED_KAFKA_OPTIONS:
-                raise ConfigError(
-                    f"kafka_options.{key} cannot be set: the worker sets it itself "
-                    "(use the source URL for brokers and the group_id setting for the group)"
-                )
-            if key not in KafkaConsumer.DEFAULT_CONFIG:
-                raise ConfigError(
-                    f"unknown kafka_options key {key!r}: it is not a KafkaConsumer option "
-                    "of kafka-python 3.0"
-                )
+    def consumer_options(self) -> dict[str, Any]:
+        """Return the KafkaConsumer options with defaults applied and secrets read."""
+        return resolve_options(self.kafka_options)
 
 
 def parse_source(source: str) -> KafkaSourceConfig | FileSourceConfig:

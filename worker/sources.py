@@ -68,14 +68,6 @@ def topic_partition(name: str) -> TopicPartition:
     return TopicPartition(topic, int(number))
 
 
-# Fetching at most 64 KiB per partition (kafka-python's default is 1 MiB)
-# makes poll() alternate between partitions every few hundred records, so a
-# model whose records are spread over partitions learns them close to their
-# production order. Test-then-train learning on a drifting stream depends on
-# that order. Set max_partition_fetch_bytes in kafka_options to change it.
-FETCH_DEFAULTS = {"max_partition_fetch_bytes": 64 * 1024}
-
-
 class KafkaSource:
     """A consumer in a group, with auto-commit off and manual commits after publishes."""
 
@@ -100,8 +92,19 @@ class KafkaSource:
             # A new group starts at the beginning; the stored offsets of each
             # model skip what was already learned.
             auto_offset_reset="earliest",
-            **{**FETCH_DEFAULTS, **options},
+            **options,
         )
+        # Loading the topics' metadata before joining the group matters with
+        # kafka-python 3.0.12: a group leader that has no partitions of a
+        # topic yet assigns none of them, and was seen not to rejoin when
+        # the metadata arrived, leaving the whole group idle.
+        for topic in config.topics:
+            if not self._consumer.partitions_for_topic(topic):
+                log.warning(
+                    "Topic %s has no partitions on %s; it may not exist yet, and its partitions "
+                    "are assigned once it does",
+                    topic, ",".join(config.bootstrap_servers),
+                )
         self._consumer.subscribe(
             topics=list(config.topics), listener=_RebalanceListener(self._consumer, handler)
         )
@@ -141,10 +144,29 @@ class KafkaSource:
         return committed
 
     def pause(self) -> None:
-        self._consumer.pause(*self._consumer.assignment())
+        """Stop fetching from every assigned partition, including ones assigned since the last call."""
+        unpaused = self._consumer.assignment() - self._consumer.paused()
+        if unpaused:
+            self._consumer.pause(*unpaused)
 
     def resume(self) -> None:
-        self._consumer.resume(*self._consumer.paused())
+        paused = self._consumer.paused()
+        if paused:
+            self._consumer.resume(*paused)
+
+    def highwaters(self) -> dict[str, int]:
+        """Return the log end offset of each assigned partition, as seen in the last fetch."""
+        out = {}
+        for tp in self._consumer.assignment():
+            highwater = self._consumer.highwater(tp)
+            if highwater is not None:
+                out[partition_name(tp.topic, tp.partition)] = highwater
+        return out
+
+    def connection_count(self) -> float | None:
+        """Return the number of open broker connections, from kafka-python's own metrics."""
+        metrics = self._consumer.metrics()
+        return metrics.get("consumer-metrics", {}).get("connection-count")
 
     def close(self) -> None:
         # close() runs the revocation callback, which commits what is
@@ -331,6 +353,13 @@ class FileSource:
     def resume(self) -> None:
         self._paused = False
 
+    def highwaters(self) -> dict[str, int]:
+        # A file's length is not known before it is read to the end.
+        return {}
+
+    def connection_count(self) -> float | None:
+        return None
+
     def close(self) -> None:
         self._file.close()
 
@@ -350,7 +379,7 @@ def open_source(settings, handler: PartitionHandler) -> KafkaSource | FileSource
         return KafkaSource(
             config,
             group_id=settings.group_id,
-            options=settings.kafka_options,
+            options=settings.consumer_options(),
             handler=handler,
             commit_timeout_ms=settings.commit_timeout_ms,
         )

@@ -17,7 +17,13 @@ Python API (tests/conftest.py wraps it in fixtures; keep these names stable):
     ``KafkaServer`` attributes: ``bootstrap`` ("127.0.0.1:PORT"), ``pid``,
     ``log_path`` (log4j broker log), ``stdout_path`` (JVM stdout/stderr),
     ``workdir``, ``start_seconds``. Methods: ``stop()``,
-    ``unsupported_version_lines()``, ``is_running()``.
+    ``unsupported_version_lines()``, ``is_running()``, ``start_again()``
+    (after ``stop()``: the same broker on the same ports and log
+    directory, with its topics, records and committed offsets).
+
+    ``start_kafka(workdir, sasl_users={"user": "password"})`` adds a
+    SASL_PLAINTEXT listener with the PLAIN mechanism for those users; its
+    address is ``sasl_bootstrap`` (None without ``sasl_users``).
 
 ``start_gocaves(workdir) -> GocavesServer``
     Couchbase's mock cluster for SDK tests, in ``--mock-only`` mode: two
@@ -302,14 +308,29 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def kafka_properties(broker_port: int, controller_port: int, log_dir: Path) -> str:
+def kafka_properties(broker_port: int, controller_port: int, log_dir: Path,
+                     sasl_port: int | None = None, sasl_users: dict[str, str] | None = None) -> str:
+    listeners = f"PLAINTEXT://127.0.0.1:{broker_port}"
+    protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+    sasl = ""
+    if sasl_port is not None:
+        listeners += f",SASL_PLAINTEXT://127.0.0.1:{sasl_port}"
+        protocols += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+        # Brokers talk to each other over PLAINTEXT, so the JAAS entry needs
+        # only the client users (user_NAME="password").
+        users = " ".join(f'user_{name}="{password}"' for name, password in (sasl_users or {}).items())
+        sasl = (
+            "sasl.enabled.mechanisms=PLAIN\n"
+            "listener.name.sasl_plaintext.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};\n"
+        )
     return f"""\
 process.roles=broker,controller
 node.id=1
-listeners=PLAINTEXT://127.0.0.1:{broker_port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{broker_port}
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-inter.broker.listener.name=PLAINTEXT
+listeners={listeners},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners={listeners}
+listener.security.protocol.map={protocols}
+{sasl}inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
 controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}
 log.dirs={log_dir}
@@ -343,11 +364,40 @@ num.io.threads=4
 class KafkaServer(_ManagedProcess):
     """A single-node Kafka broker started by ``start_kafka``."""
 
-    def __init__(self, process: subprocess.Popen, workdir: Path, broker_port: int) -> None:
+    def __init__(self, process: subprocess.Popen, workdir: Path, broker_port: int,
+                 command: list[str] | None = None, sasl_port: int | None = None) -> None:
         super().__init__(process, workdir)
         self.bootstrap = f"127.0.0.1:{broker_port}"
+        self.sasl_bootstrap = f"127.0.0.1:{sasl_port}" if sasl_port is not None else None
         self.log_path = workdir / "server.log"
         self.stdout_path = workdir / "kafka.out"
+        self._command = command
+
+    def start_again(self, ready_timeout_s: float = KAFKA_READY_TIMEOUT_S) -> None:
+        """Start this broker again after ``stop()``, on the same ports and log directory.
+
+        The storage is not formatted again, so topics, records and committed
+        offsets survive, as after a broker restart in production.
+        """
+        if self.is_running():
+            raise ServerStartError(f"Kafka broker (pid {self.pid}) is still running; stop() it first")
+        if self._command is None:
+            raise ServerStartError("this KafkaServer was not created by start_kafka, so it cannot be restarted")
+        started = time.monotonic()
+        with open(self.stdout_path, "ab") as stdout:
+            self._process = subprocess.Popen(
+                self._command, cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=stdout,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self.pid = self._process.pid
+        with _running_lock:
+            _running.add(self)
+        try:
+            self.wait_until_ready(ready_timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Kafka broker restarted at %s (pid %d) in %.1f s", self.bootstrap, self.pid, time.monotonic() - started)
 
     def unsupported_version_lines(self) -> list[str]:
         """Return every broker log line that mentions UnsupportedVersion."""
@@ -400,8 +450,12 @@ def probe_kafka(bootstrap: str) -> None:
         admin.close()
 
 
-def start_kafka(workdir: str | os.PathLike, *, ready_timeout_s: float = KAFKA_READY_TIMEOUT_S) -> KafkaServer:
-    """Format fresh storage in ``workdir``, start a broker and wait until it serves metadata."""
+def start_kafka(workdir: str | os.PathLike, *, ready_timeout_s: float = KAFKA_READY_TIMEOUT_S,
+                sasl_users: dict[str, str] | None = None) -> KafkaServer:
+    """Format fresh storage in ``workdir``, start a broker and wait until it serves metadata.
+
+    ``sasl_users`` (name to password) adds a SASL_PLAINTEXT listener with the PLAIN mechanism.
+    """
     java = require_java()
     classpath = kafka_classpath()
     workdir = Path(workdir).resolve()
@@ -415,9 +469,11 @@ def start_kafka(workdir: str | os.PathLike, *, ready_timeout_s: float = KAFKA_RE
         (workdir / name).unlink(missing_ok=True)
 
     started = time.monotonic()
-    broker_port, controller_port = free_ports(2)
+    ports = free_ports(3 if sasl_users else 2)
+    broker_port, controller_port = ports[:2]
+    sasl_port = ports[2] if sasl_users else None
     config_path = workdir / "server.properties"
-    config_path.write_text(kafka_properties(broker_port, controller_port, log_dir))
+    config_path.write_text(kafka_properties(broker_port, controller_port, log_dir, sasl_port, sasl_users))
     jvm = [
         java,
         f"-Dlog4j2.configurationFile={KAFKA_LOG4J_CONFIG}",
@@ -435,9 +491,10 @@ def start_kafka(workdir: str | os.PathLike, *, ready_timeout_s: float = KAFKA_RE
         timeout_s=ready_timeout_s,
     )
 
+    command = jvm[:1] + KAFKA_HEAP_OPTIONS + jvm[1:] + ["kafka.Kafka", str(config_path)]
     with open(workdir / "kafka.out", "wb") as stdout:
         process = subprocess.Popen(
-            jvm[:1] + KAFKA_HEAP_OPTIONS + jvm[1:] + ["kafka.Kafka", str(config_path)],
+            command,
             cwd=workdir,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
@@ -446,7 +503,7 @@ def start_kafka(workdir: str | os.PathLike, *, ready_timeout_s: float = KAFKA_RE
             # broker directly, so shutdown always goes through stop().
             start_new_session=True,
         )
-    server = KafkaServer(process, workdir, broker_port)
+    server = KafkaServer(process, workdir, broker_port, command, sasl_port)
     try:
         server.wait_until_ready(ready_timeout_s - (time.monotonic() - started))
     except BaseException:
@@ -465,6 +522,7 @@ class ExternalKafkaServer:
     pid = None
     workdir = None
     start_seconds = None
+    sasl_bootstrap = None
 
     def __init__(self, bootstrap: str) -> None:
         if not re.fullmatch(r"[^\s:,]+:\d{1,5}(,[^\s:,]+:\d{1,5})*", bootstrap):
