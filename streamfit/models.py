@@ -24,7 +24,7 @@ ACTIONS = {
     "list": "list models with their latest version and aliases",
     "show": "show one version: metadata, artifact sizes and checksums, metrics, lineage",
     "history": "list every version a model has, with lineage and metrics",
-    "create": "create a model (version 0) from a JSON spec file",
+    "create": "create a model (version 0) from a JSON or TOML spec file",
     "promote": "point an alias (production by default) at a version",
     "alias": "point any alias at a version, or remove it",
     "rollback": "publish a new latest version that serves an older version's model",
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     action("history").add_argument("model")
     create = action("create")
     create.add_argument("model")
-    create.add_argument("--spec", required=True, help="JSON spec file")
+    create.add_argument("--spec", required=True, help="spec file, JSON or TOML (*.toml)")
     promote = action("promote")
     promote.add_argument("model")
     promote.add_argument("version", type=int)
@@ -191,15 +191,9 @@ def _history(store, args) -> dict:
 
 
 def _create(store, args) -> dict:
-    from trainer.spec import ModelSpec
+    from trainer.spec import load_spec_file
 
-    try:
-        raw = json.loads(Path(args.spec).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"spec file {args.spec!r} not found") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"spec file {args.spec!r} is not valid JSON: {exc}") from None
-    spec = ModelSpec.from_dict(raw)
+    spec = load_spec_file(args.spec)
     head = store.create_model(args.model, spec.to_dict())
     return {"json": {"model": args.model, "latest": head.latest},
             "text": f"created model {args.model} (version {head.latest})"}

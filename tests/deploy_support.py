@@ -129,19 +129,6 @@ def run_promtool(*args: str) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- metric names
 
 
-# NOTE: the worker does not export these yet. They come with drift
-# detection and test-then-train counters in the trainer and the worker.
-# tests/test_deploy_prometheus.py fails once they exist, so that this set
-# is emptied then.
-PENDING_METRICS = {
-    "streamfit_worker_drift_detections_total",
-    "streamfit_worker_scored_records_total",
-    "streamfit_worker_scored_correct_total",
-    "streamfit_worker_scored_baseline_correct_total",
-    "streamfit_worker_scored_absolute_error_total",
-}
-
-
 def exported_metric_names() -> set[str]:
     """Return every series name the worker and the predictor expose, suffixes included."""
     from prometheus_client import CollectorRegistry

@@ -224,3 +224,31 @@ def test_delete(capsys, flights):
     assert code == 0
     assert out == "deleted model flights\n"
     assert run_json(capsys, "--store", flights, "list") == []
+
+
+TOML_SPEC = """\
+estimator = "SGDClassifier"
+labels = [0, 1]
+
+[params]
+loss = "log_loss"
+
+[[features]]
+name = "x"
+"""
+
+
+def test_create_from_toml_spec(capsys, sqlite_url, tmp_path):
+    spec = tmp_path / "sensor.toml"
+    spec.write_text(TOML_SPEC)
+    code, out, err = run(capsys, "--store", sqlite_url, "create", "sensor", "--spec", str(spec))
+    assert code == 0, err
+    with open_store(sqlite_url) as store:
+        stored = store.version("sensor").spec
+    assert stored["estimator"] == "SGDClassifier" and stored["params"]["loss"] == "log_loss"
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text("estimator = ")
+    code, _, err = run(capsys, "--store", sqlite_url, "create", "other", "--spec", str(broken))
+    assert code != 0
+    assert f"spec file {str(broken)!r} is not valid TOML" in err

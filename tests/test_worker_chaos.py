@@ -58,7 +58,7 @@ def test_sigkill_chaos_learns_each_record_once(kafka_server, gocaves_server, tmp
     args = [
         "--source", kafka_source(kafka_server.bootstrap, topic), "--store", store_url,
         "--group-id", group, "--model", "flights", "--model-spec", FLIGHTS_SPEC,
-        "--batch-max-records", "500", "--metrics-port", "0",
+        "--batch-max-records", "100", "--metrics-port", "0",
     ]
     log_path = tmp_path / "worker.log"
     kills = []
@@ -71,7 +71,7 @@ def test_sigkill_chaos_learns_each_record_once(kafka_server, gocaves_server, tmp
             # Each kill falls at a random moment after the run's first publish.
             wait_until(lambda: "Published model flights" in log_path.read_text().split(marker)[-1],
                        f"worker run {run} publishes a version (seed {seed})", timeout=120)
-            delay = rng.uniform(0.0, 4.0)
+            delay = rng.uniform(0.0, 3.0)
             time.sleep(delay)
             assert process.poll() is None, f"worker run {run} exited early (seed {seed}):\n{log_path.read_text()[-3000:]}"
         finally:

@@ -4,6 +4,7 @@ import json
 import sqlite3
 import threading
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -118,9 +119,27 @@ def test_file_csv_with_forced_model(tmp_path, store_url):
     assert rejected(registry, "wrong_width") == 1
 
 
-def test_file_creates_model_from_spec(tmp_path, store_url):
-    spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(SPEC))
+TOML_SPEC = """\
+estimator = "SGDClassifier"
+labels = [0, 1]
+
+[params]
+loss = "log_loss"
+
+[[features]]
+name = "x"
+
+[[features]]
+name = "carrier"
+type = "categorical"
+vocabulary = ["AA", "UA"]
+"""
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_file_creates_model_from_spec(tmp_path, store_url, suffix):
+    spec_path = tmp_path / f"spec{suffix}"
+    spec_path.write_text(json.dumps(SPEC) if suffix == ".json" else TOML_SPEC)
     path = tmp_path / "new.jsonl"
     rows = [{"features": {"x": i, "carrier": "AA"}, "label": i % 2} for i in range(5)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -130,6 +149,7 @@ def test_file_creates_model_from_spec(tmp_path, store_url):
         info = store.version("fresh-model")
     assert info.samples_learned == 5
     assert info.spec["labels"] == [0, 1]
+    assert [f["name"] for f in info.spec["features"]] == ["x", "carrier"]
 
 
 def test_store_busy_backs_off_then_publishes(tmp_path, store_url):
@@ -180,3 +200,31 @@ def test_broken_model_does_not_stop_others(tmp_path, store_url):
     assert rejected(registry, "model_error") == 6
     with open_store(store_url) as store:
         assert store.version("delays").samples_learned == 6
+
+
+def test_scores_and_drift_are_exported(tmp_path, caplog):
+    # The label follows x for 4,000 records, then the opposite of x: the
+    # test-then-train error rate jumps and the drift detector reports it.
+    url = f"sqlite:///{tmp_path}/models.db"
+    with open_store(url) as store:
+        store.create_model("flip", {"estimator": "SGDClassifier", "params": {"loss": "log_loss"},
+                                    "features": [{"name": "x"}], "labels": [0, 1]})
+    rng = np.random.default_rng(7)
+    xs = rng.normal(size=6000)
+    lines = [json.dumps({"model": "flip", "features": {"x": float(x)}, "label": int((x > 0) == (i < 4000))})
+             for i, x in enumerate(xs)]
+    path = tmp_path / "flip.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    registry = CollectorRegistry()
+
+    assert run(settings_for(path, url, batch_max_records=200), registry=registry) == 0
+
+    with open_store(url) as store:
+        metrics = store.version("flip").metadata["metrics"]
+    sample = registry.get_sample_value
+    # The first batch meets an unfitted model, so it is learned but not scored.
+    assert sample("streamfit_worker_scored_records_total", {"model": "flip"}) == metrics["n_scored"] == 5800
+    assert sample("streamfit_worker_scored_correct_total", {"model": "flip"}) == metrics["correct"]
+    assert sample("streamfit_worker_scored_baseline_correct_total", {"model": "flip"}) == metrics["baseline_correct"]
+    assert sample("streamfit_worker_drift_detections_total", {"model": "flip", "direction": "increase"}) >= 1
+    assert any(r.getMessage().startswith("Drift detected for model flip") for r in caplog.records)

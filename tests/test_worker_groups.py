@@ -17,12 +17,13 @@ import uuid
 import httpx
 import pytest
 
-import modelstore.sqlite
+import modelstore.couchbase
 from trainer.refit import Trainer
 from worker_support import (
     WorkerThread,
     audit_versions,
     committed_offsets,
+    couchbase_url,
     create_models,
     end_offsets,
     kafka_source,
@@ -109,13 +110,23 @@ def test_revoked_partitions_commit_only_published(kafka_server, kafka_topic, sto
         produce_per_partition(kafka_server.bootstrap, topic, models, 0, 20)
         wait_until(lambda: first.metric("streamfit_worker_records_buffered") == 80,
                    "the first worker buffers all 80 records")
+        partitions = [f"{topic}/{i}" for i in range(4)]
+        wait_until(lambda: [lag(first, p) for p in partitions] == [20] * 4,
+                   "the first worker reports a lag of 20 records on each partition",
+                   seen=lambda: [lag(first, p) for p in partitions])
+
         second = WorkerThread(source=source, store=store_url, group_id=group, batch_max_records=5).start()
-        wait_until(lambda: any(m.startswith("Dropped 40 buffered") and "revoked" in m
-                               for m in (r.getMessage() for r in caplog.records)),
-                   "the first worker drops the records of the two partitions it gives up")
+        dropped = wait_until(lambda: [m for m in (r.getMessage() for r in caplog.records)
+                                      if m.startswith("Dropped 40 buffered") and "revoked" in m],
+                             "the first worker drops the records of the two partitions it gives up")
         # Nothing of them was published, so the revocation commits nothing.
         assert not [r for r in caplog.records if r.getMessage().startswith("Committed offsets")]
         assert first.metric("streamfit_worker_records_buffered") == 40
+        revoked = dropped[0].split(" partitions ")[1].split(";")[0].split(",")
+        assert len(revoked) == 2
+        # The lag series of revoked partitions are removed, the others stay.
+        for partition in partitions:
+            assert (lag(first, partition) is None) == (partition in revoked), partition
 
         # Stopping publishes the first worker's buffered records, then its
         # partitions move to the second worker, which reads on from there.
@@ -138,6 +149,10 @@ def test_revoked_partitions_commit_only_published(kafka_server, kafka_topic, sto
     assert learned == 160
 
 
+def lag(worker, partition):
+    return worker.registry.get_sample_value("streamfit_worker_partition_lag_records", {"partition": partition})
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -155,3 +170,171 @@ def scrape(port: int, name: str) -> float | None:
     return None
 
 
+@pytest.mark.slow
+def test_lost_partitions_commit_nothing(kafka_server, kafka_topic, store_url, tmp_path):
+    topic = kafka_topic(4)
+    models = ["m0", "m1", "m2", "m3"]
+    create_models(store_url, *models)
+    group = f"lost-{uuid.uuid4().hex[:8]}"
+    source = kafka_source(kafka_server.bootstrap, topic)
+    produce_per_partition(kafka_server.bootstrap, topic, models, 0, 20)
+
+    port = free_port()
+    log_path = tmp_path / "frozen.log"
+    frozen = start_worker_process([
+        "--source", source, "--store", store_url, "--group-id", group, "--metrics-port", str(port),
+        "--batch-max-wait-ms", "600000", "--poll-timeout-ms", "200",
+    ], log_path, env={"STREAMFIT_KAFKA_OPTIONS": '{"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}'})
+    other = None
+    try:
+        wait_until(lambda: scrape(port, "streamfit_worker_records_buffered") == 80,
+                   "the subprocess worker buffers all 80 records", timeout=120,
+                   seen=lambda: log_path.read_text()[-2000:])
+        frozen.send_signal(signal.SIGSTOP)
+        other = WorkerThread(source=source, store=store_url, group_id=group, batch_max_records=5).start()
+        ends = end_offsets(kafka_server.bootstrap, topic, 4)
+        wait_until(lambda: committed_offsets(kafka_server.bootstrap, group) == ends,
+                   "the other worker takes every partition over and commits to the end", timeout=180)
+        frozen.send_signal(signal.SIGCONT)
+        # The resumed worker learns that its membership expired either from a
+        # heartbeat (its partitions are lost) or, when a rebalance is under
+        # way, from rejoining as a new member (they are revoked). Either way
+        # it drops the 80 records without committing anything.
+        wait_until(lambda: "Dropped 80 buffered and 0 unread records" in log_path.read_text(),
+                   "the resumed worker drops its buffered records", timeout=180,
+                   seen=lambda: log_path.read_text()[-3000:])
+        # The resumed worker rejoins and reads on. Its batches wait ten
+        # minutes, so stopping it is what publishes the new records it took.
+        produce_per_partition(kafka_server.bootstrap, topic, models, 20, 30)
+        ends = end_offsets(kafka_server.bootstrap, topic, 4)
+        wait_until(lambda: scrape(port, "streamfit_worker_assigned_partitions") == 2,
+                   "the resumed worker is assigned two partitions again", timeout=180,
+                   seen=lambda: log_path.read_text()[-2000:])
+        code = stop_process(frozen)
+        wait_until(lambda: committed_offsets(kafka_server.bootstrap, group) == ends,
+                   "the group commits the new records to the end", timeout=180,
+                   seen=lambda: committed_offsets(kafka_server.bootstrap, group))
+    finally:
+        code = stop_process(frozen)
+        if other is not None:
+            assert other.stop() == 0
+    text = log_path.read_text()
+    assert code == 0, text[-3000:]
+    before_drop = text.split("Dropped 80 buffered")[0]
+    assert "Committed offsets" not in before_drop, text[-3000:]
+    assert "Offset commit failed" not in before_drop, text[-3000:]
+    for model in models:
+        assert audit_versions(store_url, model).samples_learned == 30, model
+
+
+@pytest.mark.slow
+def test_two_workers_one_model(kafka_server, kafka_topic, gocaves_server, monkeypatch):
+    monkeypatch.setenv("STREAMFIT_COUCHBASE_USERNAME", gocaves_server.username)
+    monkeypatch.setenv("STREAMFIT_COUCHBASE_PASSWORD", gocaves_server.password)
+    store_url = couchbase_url(gocaves_server, "shared")
+    topic = kafka_topic(4)
+    create_models(store_url, "shared")
+    group = f"shared-{uuid.uuid4().hex[:8]}"
+    settings = dict(source=kafka_source(kafka_server.bootstrap, topic), store=store_url, group_id=group,
+                    model="shared", batch_max_records=50, max_conflict_attempts=2)
+
+    # The first publish of each worker waits until the other one reaches its
+    # first publish too. Both then publish on the same version, so one of
+    # them must lose the compare-and-swap and rebase. Without the barrier a
+    # conflict is likely but not certain.
+    barrier = threading.Barrier(2, timeout=60)
+    arrived: set[int] = set()
+    original = modelstore.couchbase.CouchbaseStore.publish
+
+    def publish_after_both_ready(self, *args, **kwargs):
+        if not barrier.broken and threading.get_ident() not in arrived:
+            arrived.add(threading.get_ident())
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                pass
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(modelstore.couchbase.CouchbaseStore, "publish", publish_after_both_ready)
+    workers = [WorkerThread(**settings).start(), WorkerThread(**settings).start()]
+    try:
+        wait_until(lambda: [w.metric("streamfit_worker_assigned_partitions") for w in workers] == [2, 2],
+                   "each worker is assigned two of the four partitions", timeout=120,
+                   seen=lambda: [w.metric("streamfit_worker_assigned_partitions") for w in workers])
+        total = 3000
+        # Keyed by record id, so the model's records are spread over all four partitions.
+        produce(kafka_server.bootstrap, topic, [(str(i).encode(), record_x(i)) for i in range(total)])
+        ends = end_offsets(kafka_server.bootstrap, topic, 4)
+        wait_until(lambda: committed_offsets(kafka_server.bootstrap, group) == ends,
+                   "the group commits every partition to its end", timeout=240,
+                   seen=lambda: committed_offsets(kafka_server.bootstrap, group))
+    finally:
+        codes = [w.stop() for w in workers]
+    assert codes == [0, 0]
+    assert not barrier.broken, "one worker never reached its first publish while the other waited"
+
+    # No lost update: every record is in the final version exactly once.
+    info = audit_versions(store_url, "shared")
+    assert info.samples_learned == total
+    assert info.offsets == ends
+    learned = [w.metric("streamfit_worker_records_learned_total", model="shared") for w in workers]
+    assert sum(learned) == total and all(n > 0 for n in learned), learned
+    conflicts = [w.metric("streamfit_worker_publish_conflicts_total") for w in workers]
+    assert sum(conflicts) >= 1, conflicts
+
+
+class _Partitions:
+    """A partition handler that records assignments and keeps no buffers."""
+
+    def __init__(self):
+        self.assigned: set[str] = set()
+
+    def partitions_assigned(self, partitions):
+        self.assigned.update(partitions)
+        return {}
+
+    def partitions_revoked(self, partitions):
+        self.assigned.difference_update(partitions)
+        return {}
+
+    def partitions_lost(self, partitions):
+        self.assigned.difference_update(partitions)
+
+    def revoke_commit_done(self, offsets, error):
+        pass
+
+
+def test_unfinished_rebalance_is_joined_again(kafka_server, kafka_topic, caplog):
+    # kafka-python 3.0.12 can leave a member rebalancing with no rejoin
+    # requested, so no poll finishes the rebalance. The source must return
+    # the member to a stable generation.
+    from kafka.coordinator.base import MemberState
+
+    from worker.settings import KafkaSourceConfig
+    from worker.sources import KafkaSource
+
+    topic = kafka_topic(1)
+    produce(kafka_server.bootstrap, topic, [(b"m", record_x(i)) for i in range(3)])
+    handler = _Partitions()
+    source = KafkaSource(
+        KafkaSourceConfig((kafka_server.bootstrap,), (topic,)), group_id=f"stuck-{uuid.uuid4().hex[:8]}",
+        options={}, handler=handler, commit_timeout_ms=10_000,
+    )
+    coordinator = source._consumer._coordinator
+    try:
+        read = []
+        wait_until(lambda: read.extend(source.poll(100)) or len(read) == 3, "the source reads the three records")
+        assert coordinator.generation_if_stable() is not None
+
+        with coordinator._lock:
+            coordinator.state = MemberState.REBALANCING
+        assert not coordinator.need_rejoin()
+
+        wait_until(lambda: source.poll(100) == [] and coordinator.generation_if_stable() is not None,
+                   "the member is in a stable generation again", timeout=60,
+                   seen=lambda: (coordinator.state, coordinator.need_rejoin()))
+        assert source.commit({f"{topic}/0": 3}) == {f"{topic}/0": 3}
+        assert handler.assigned == {f"{topic}/0"}
+        assert any("rebalance stopped before it finished" in r.getMessage() for r in caplog.records)
+    finally:
+        source.close()

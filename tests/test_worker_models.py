@@ -40,7 +40,7 @@ def test_thousand_models_interleaved(kafka_server, gocaves_server, tmp_path, mon
     names = [f"model-{i:04d}" for i in range(MODELS)]
 
     # Round robin over the models that still have records to send, so every
-    # batch the worker reads holds records of many models.
+    # batch the worker reads contains records of many models.
     messages = []
     left = {name: count_for(i) for i, name in enumerate(names)}
     step = 0

@@ -61,8 +61,8 @@ def collect_sockets():
         yield
         gc.collect()
         # A few such sockets stay referenced from outside the garbage
-        # collector's view until later; closing the never-connected ones
-        # now keeps their warnings out of other tests.
+        # collector's view until later. Closing the never-connected ones now
+        # keeps their warnings out of other tests.
         for obj in gc.get_objects():
             if type(obj) is socket.socket and obj.fileno() != -1 and _never_connected(obj):
                 obj.close()

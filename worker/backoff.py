@@ -1,9 +1,14 @@
-"""Capped exponential back-off between retries of a failing operation."""
+"""Capped exponential back-off between retries, and the store's health built on it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
+
+from worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
 
 
 class Backoff:
@@ -49,3 +54,36 @@ class Backoff:
 
     def seconds_left(self) -> float:
         return max(0.0, self.retry_at - self._clock())
+
+
+class StoreHealth:
+    """Availability of the model store, which decides when the worker backs off and stops fetching.
+
+    Every store call of the loop (a model lookup, a refit) reports here.
+    The first failure starts a capped exponential back-off, and the next
+    success ends it.
+    """
+
+    def __init__(self, metrics: WorkerMetrics, first_s: float, max_s: float, clock: Callable[[], float]):
+        self._metrics = metrics
+        self.backoff = Backoff(first_s, max_s, clock)
+
+    @property
+    def down(self) -> bool:
+        return self.backoff.active
+
+    def failed(self, err: Exception, action: str) -> None:
+        delay = self.backoff.failed()
+        self._metrics.store_retries.inc()
+        self._metrics.store_available.set(0)
+        log.warning(
+            "Store unavailable while %s (%r); retry %d in %.1f s. Fetching is paused, buffered "
+            "records are kept and offsets are not committed past them",
+            action, err, self.backoff.failures, delay,
+        )
+
+    def ok(self) -> None:
+        failures = self.backoff.succeeded()
+        if failures:
+            self._metrics.store_available.set(1)
+            log.info("Store available again after %d failed attempts; fetching resumes", failures)

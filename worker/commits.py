@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # Commits of offsets that only moved past rejected or skipped records wait
 # this long, so a stream of bad records does not commit after every poll.
 IDLE_COMMIT_INTERVAL_S = 5.0
-# Lag and connection gauges are refreshed this often; reading kafka-python's
-# metrics builds a dict of every client metric.
+# Lag and connection gauges are refreshed this often, because reading
+# kafka-python's metrics builds a dict of every client metric.
 GAUGE_INTERVAL_S = 2.0
 # While the broker is unreachable each commit waits commit_timeout_ms, so
 # failed commits back off up to this long instead of stalling every step.

@@ -25,20 +25,15 @@ from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from modelstore import open_store
-from modelstore.errors import (
-    ModelNotFound,
-    PublishRejected,
-    RecordRejected,
-    StreamfitError,
-    VersionConflict,
-)
+from modelstore.errors import RecordRejected, StreamfitError
 from trainer.refit import Trainer
-from worker.backoff import Backoff
+from worker.backoff import StoreHealth
 from worker.batcher import BufferedRecord
 from worker.catalog import ModelCatalog
 from worker.commits import Committer
 from worker.kafka_config import secret_values
 from worker.metrics import WorkerMetrics, serve_metrics
+from worker.outcomes import RefitOutcomes
 from worker.rebalance import PartitionMoves
 from worker.redaction import redact_in_logs
 from worker.records import decode_record, encode_record
@@ -60,11 +55,6 @@ REFIT_CHECK_S = 0.02
 # dry, and with a 500 ms timeout that halves the rate a consumer reads at
 # (measured with benchmarks/worker_throughput.py).
 FLOWING_POLL_S = 0.05
-# A batch that lost every publish attempt to other writers waits this long
-# (doubling per further loss, at most MAX_CONFLICT_DELAY_S) before it is
-# tried again, so that the writers stop colliding.
-CONFLICT_DELAY_S = 0.2
-MAX_CONFLICT_DELAY_S = 5.0
 
 
 class Worker:
@@ -95,16 +85,15 @@ class Worker:
         self._state = WorkState(settings.batch_max_records, settings.batch_max_wait_ms, clock)
         self.moves = PartitionMoves(self._state, metrics, self._lock, dead_letters)
         self._rejections = Rejections(metrics, dead_letters)
-        self._store_backoff = Backoff(FIRST_RETRY_BACKOFF_S, settings.max_retry_backoff_ms / 1000, clock)
-        # The record whose model lookup failed; handling it later proves the store is back.
+        self._store = StoreHealth(metrics, FIRST_RETRY_BACKOFF_S, settings.max_retry_backoff_ms / 1000, clock)
+        # The record whose model lookup failed. Handling it later proves the store is back.
         self._failed_lookup: SourceRecord | None = None
-        self._conflicts_in_row: dict[str, int] = {}
-        self._first_taken: dict[str, float] = {}
         self._stopping = False
         self._flowing = False
         self._source: Any = None
         self._refits: RefitThread | None = None
         self._committer: Committer | None = None
+        self._outcomes: RefitOutcomes | None = None
 
     # -- the loop --------------------------------------------------------
 
@@ -114,6 +103,10 @@ class Worker:
             source, self._state, self._lock, self._metrics, self._dead_letters, self._clock
         )
         self._refits = RefitThread(self._trainer.refit, self._clock)
+        self._outcomes = RefitOutcomes(
+            self._state, self._catalog, self._metrics, self._rejections, self._store,
+            self._committer, self.settings.max_conflict_attempts, self._clock,
+        )
         stops_at_end = self.settings.stops_at_end()
         log.info(
             "Worker started: source %s, store %s, batches of up to %d records or %d ms",
@@ -140,7 +133,7 @@ class Worker:
                 self.moves.refresh_needed = False
                 self._catalog.invalidate()
             self._collect()
-            if not self._store_backoff.waiting() and self._process_backlog():
+            if not self._store.backoff.waiting() and self._process_backlog():
                 self._dispatch()
         self._committer.maybe_commit()
 
@@ -151,9 +144,9 @@ class Worker:
         return len(self._state.backlog) + self._state.held() >= self.settings.max_buffered_records
 
     def _update_fetching(self) -> None:
-        # Fetching pauses while the store is down or the buffers are full;
+        # Fetching pauses while the store is down or the buffers are full.
         # poll() goes on, which keeps the group membership.
-        paused = self._stopping or self._store_backoff.active or self._full()
+        paused = self._stopping or self._store.down or self._full()
         if paused:
             self._source.pause()
         else:
@@ -162,8 +155,8 @@ class Worker:
 
     def _poll_timeout_ms(self) -> int:
         waits = [self.settings.poll_timeout_ms / 1000]
-        if self._store_backoff.waiting():
-            waits.append(self._store_backoff.seconds_left())
+        if self._store.backoff.waiting():
+            waits.append(self._store.backoff.seconds_left())
         elif self._state.backlog:
             return 0
         if self._flowing:
@@ -179,21 +172,29 @@ class Worker:
     def _process_backlog(self) -> bool:
         """Handle backlog records in order; return False when the store needs a back-off."""
         backlog = self._state.backlog
-        while backlog:
-            record = backlog[0]
-            try:
-                self._handle(record)
-            except StreamfitError as err:
-                if not err.retriable:
-                    raise
-                self._failed_lookup = record
-                self._store_failed(err, f"looking up the model of {record.partition} offset {record.offset}")
-                return False
-            backlog.popleft()
-            if record is self._failed_lookup:
-                self._failed_lookup = None
-                self._store_ok()
-        return True
+        handled = 0
+        try:
+            while backlog:
+                record = backlog[0]
+                try:
+                    self._handle(record)
+                except StreamfitError as err:
+                    if not err.retriable:
+                        raise
+                    self._failed_lookup = record
+                    self._store.failed(err, f"looking up the model of {record.partition} offset {record.offset}")
+                    return False
+                backlog.popleft()
+                handled += 1
+                if record is self._failed_lookup:
+                    self._failed_lookup = None
+                    self._store.ok()
+            return True
+        finally:
+            # Counted once per poll, not per record: the loop's thread reads
+            # every record, so per-record lock round trips add up.
+            self._metrics.records_consumed.inc(handled)
+            self._metrics.records_buffered.set(self._state.held())
 
     def _handle(self, record: SourceRecord) -> None:
         """Reject, skip or buffer one record."""
@@ -212,7 +213,6 @@ class Worker:
             entry = self._catalog.lookup(decoded.model)
             model = decoded.model
             if record.offset < entry.offsets.get(record.partition, 0):
-                self._metrics.records_consumed.inc()
                 self._metrics.records_skipped.inc()
                 tracker.consumed(*position)
                 return
@@ -220,7 +220,6 @@ class Worker:
         except RecordRejected as rejection:
             # The record is done once it is counted: consumed() comes after
             # the store lookups, so a retried lookup never lets a commit pass it.
-            self._metrics.records_consumed.inc()
             tracker.consumed(*position)
             self._rejections.reject(
                 record.partition, record.offset, record.key, record.value, rejection, model
@@ -229,12 +228,10 @@ class Worker:
                 self._state.count_rejection(model, rejection.reason)
             return
 
-        self._metrics.records_consumed.inc()
         if encoded.extra_keys:
             self._metrics.extra_features.inc(len(encoded.extra_keys))
         tracker.consumed(*position)
         tracker.add_pending(*position)
-        self._metrics.records_buffered.inc()
         source = record if self._dead_letters is not None else None
         self._state.batcher.add(model, BufferedRecord(encoded.row, encoded.label, position, source))
 
@@ -251,7 +248,7 @@ class Worker:
         batch = make_batch(items, self._state.take_rejections(model))
         job = RefitJob(model, items, batch, self._state.epochs_of(items))
         self._state.in_flight = len(items)
-        self._first_taken.setdefault(model, self._clock())
+        self._state.first_taken.setdefault(model, self._clock())
         self._metrics.batch_size.observe(len(items))
         self._refits.submit(job)
 
@@ -279,130 +276,9 @@ class Worker:
             # and its stored offsets make the next owner skip them.
             owned = self._state.owned(job.items, job.epochs)
             self._metrics.refit_duration.observe(job.duration_s)
-            self._apply(job, owned)
+            self._outcomes.apply(job, owned)
             self._metrics.records_buffered.set(self._state.held())
         return True
-
-    def _apply(self, job: RefitJob, owned: list[BufferedRecord]) -> None:
-        err = job.error
-        if err is None:
-            self._published(job, owned)
-        elif isinstance(err, VersionConflict):
-            self._conflicted(job, owned)
-        elif isinstance(err, PublishRejected):
-            self._store_ok()
-            self._publish_rejected(job.model, owned, err)
-        elif isinstance(err, ModelNotFound):
-            self._store_ok()
-            self._catalog.forget(job.model)
-            deleted = RecordRejected("unknown_model", f"model {job.model!r} was deleted from the store")
-            self._reject_batch(job.model, owned, deleted)
-        elif isinstance(err, StreamfitError) and err.retriable:
-            self._state.batcher.put_back(job.model, owned)
-            self._state.give_back_rejections(job.model, job.batch.rejected)
-            self._store_failed(err, f"refitting model {job.model}")
-        elif isinstance(err, StreamfitError):
-            self._store_ok()
-            self._model_failed(job.model, owned, err)
-        else:
-            raise err
-
-    def _published(self, job: RefitJob, owned: list[BufferedRecord]) -> None:
-        model, result = job.model, job.result
-        self._store_ok()
-        self._conflicts_in_row.pop(model, None)
-        self._state.tracker.done(item.position for item in owned)
-        started = self._first_taken.pop(model, job.started)
-        self._metrics.publish_duration.observe(self._clock() - started)
-        self._metrics.records_learned.labels(model).inc(result.learned)
-        self._metrics.records_skipped.inc(result.skipped)
-        self._metrics.publish_conflicts.inc(result.conflicts)
-        if result.skipped:
-            self._committer.published()
-        if result.version is None:
-            return
-        self._metrics.latest_version.labels(model).set(result.version.version)
-        self._metrics.last_publish.labels(model).set_to_current_time()
-        self._catalog.update_offsets(model, result.version.offsets)
-        self._committer.published()
-        log.info(
-            "Published model %s version %d: %d records learned, %d already learned, %d conflicts",
-            model, result.version.version, result.learned, result.skipped, result.conflicts,
-        )
-
-    def _conflicted(self, job: RefitJob, owned: list[BufferedRecord]) -> None:
-        # Every attempt lost to another writer of the same model. The store
-        # answered, so this is no outage: only this model's batch waits.
-        self._store_ok()
-        losses = self._conflicts_in_row.get(job.model, 0) + 1
-        self._conflicts_in_row[job.model] = losses
-        delay = min(MAX_CONFLICT_DELAY_S, CONFLICT_DELAY_S * 2 ** min(losses - 1, 10))
-        self._metrics.publish_conflicts.inc(self.settings.max_conflict_attempts)
-        self._state.batcher.put_back(job.model, owned, delay_s=delay)
-        self._state.give_back_rejections(job.model, job.batch.rejected)
-        log.warning(
-            "Model %s: %d publish attempts lost to other writers (%s); its %d records are "
-            "retried in %.1f s",
-            job.model, self.settings.max_conflict_attempts, job.error, len(owned), delay,
-        )
-
-    def _publish_rejected(self, model: str, items: list[BufferedRecord], err: PublishRejected) -> None:
-        # The head stays on the last good version. Holding the batch would
-        # fail the same check again and stall every model on these partitions.
-        self._metrics.publish_rejected.labels(err.reason).inc()
-        if items:
-            log.error(
-                "Version of model %s not published (%s: %s); %d records of %s offsets %d-%d are "
-                "dropped as rejected",
-                model, err.reason, err.detail, len(items), items[0].position[0],
-                items[0].position[1], items[-1].position[1],
-            )
-        self._reject_batch(model, items, RecordRejected(err.reason, err.detail))
-
-    def _model_failed(self, model: str, items: list[BufferedRecord], err: StreamfitError) -> None:
-        # A model whose stored state or spec cannot be used fails the same way
-        # on every retry. Rejecting its batch keeps the other models and the
-        # partitions' commits moving.
-        self._catalog.forget(model)
-        if items:
-            log.error(
-                "Refit of model %s failed and cannot succeed on retry (%r); %d records of %s "
-                "offsets %d-%d are rejected as model_error",
-                model, err, len(items), items[0].position[0], items[0].position[1],
-                items[-1].position[1],
-            )
-        rejection = RecordRejected("model_error", f"model {model!r} cannot be refit: {err}")
-        self._reject_batch(model, items, rejection)
-
-    def _reject_batch(self, model: str, items: list[BufferedRecord], rejection: RecordRejected) -> None:
-        self._first_taken.pop(model, None)
-        self._state.tracker.done(item.position for item in items)
-        for item in items:
-            source = item.source
-            self._rejections.reject(
-                item.position[0], item.position[1],
-                source.key if source is not None else None,
-                source.value if source is not None else None,
-                rejection, model, log_it=False,
-            )
-
-    # -- store back-off --------------------------------------------------
-
-    def _store_failed(self, err: Exception, action: str) -> None:
-        delay = self._store_backoff.failed()
-        self._metrics.store_retries.inc()
-        self._metrics.store_available.set(0)
-        log.warning(
-            "Store unavailable while %s (%r); retry %d in %.1f s. Fetching is paused, buffered "
-            "records are kept and offsets are not committed past them",
-            action, err, self._store_backoff.failures, delay,
-        )
-
-    def _store_ok(self) -> None:
-        failures = self._store_backoff.succeeded()
-        if failures:
-            self._metrics.store_available.set(1)
-            log.info("Store available again after %d failed attempts; fetching resumes", failures)
 
     # -- shutdown --------------------------------------------------------
 
@@ -425,11 +301,11 @@ class Worker:
             self._update_fetching()
             with self._lock:
                 self._collect()
-                if not self._store_backoff.waiting():
+                if not self._store.backoff.waiting():
                     self._dispatch()
             # Polling with fetching paused keeps the group membership while
-            # the last refits run; anything it still returns is not tracked.
-            wait = min(deadline - self._clock(), max(REFIT_CHECK_S, self._store_backoff.seconds_left()))
+            # the last refits run. Anything it still returns is not tracked.
+            wait = min(deadline - self._clock(), max(REFIT_CHECK_S, self._store.backoff.seconds_left()))
             self._source.poll(max(0, int(wait * 1000)))
 
         left = self._state.held()

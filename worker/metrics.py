@@ -90,6 +90,30 @@ class WorkerMetrics:
             "Records rejected, by model, for records whose model exists.", ["model"],
             registry=registry,
         )
+        self.scored_records = Counter(
+            p + "scored_records",
+            "Records scored by the version they then updated (test-then-train), by model.", ["model"],
+            registry=registry,
+        )
+        self.scored_correct = Counter(
+            p + "scored_correct", "Scored records a classifier predicted right, by model.", ["model"],
+            registry=registry,
+        )
+        self.scored_baseline_correct = Counter(
+            p + "scored_baseline_correct",
+            "Scored records the running majority-class baseline predicted right, by model.", ["model"],
+            registry=registry,
+        )
+        self.scored_absolute_error = Counter(
+            p + "scored_absolute_error", "Sum of the absolute errors of a regressor's scored records, by model.",
+            ["model"], registry=registry,
+        )
+        self.drift_detections = Counter(
+            p + "drift_detections",
+            "Changes of a model's test-then-train error rate found by its drift detector, by model and "
+            "direction (increase or decrease).",
+            ["model", "direction"], registry=registry,
+        )
         self.last_publish = Gauge(
             p + "last_publish_timestamp_seconds",
             "Unix time of the latest version this worker published, by model.", ["model"],
@@ -109,6 +133,10 @@ class WorkerMetrics:
         self.fetch_paused = Gauge(
             p + "fetch_paused",
             "1 while fetching is paused (store unavailable, buffers full or shutting down).",
+            registry=registry,
+        )
+        self.assigned_partitions = Gauge(
+            p + "assigned_partitions", "Partitions assigned to this worker by its consumer group.",
             registry=registry,
         )
         self.broker_connections = Gauge(

@@ -37,6 +37,7 @@ class PartitionMoves:
         self._dead_letters = dead_letters
         # Where to resume each revoked partition if the next assignment keeps it here.
         self._resume_offsets: dict[str, int] = {}
+        self._assigned: set[str] = set()
         self.refresh_needed = False
 
     def partitions_assigned(self, partitions: list[str]) -> dict[str, int]:
@@ -48,6 +49,8 @@ class PartitionMoves:
         the first dropped one.
         """
         with self._lock:
+            self._assigned.update(partitions)
+            self._metrics.assigned_partitions.set(len(self._assigned))
             seeks = {p: self._resume_offsets[p] for p in partitions if p in self._resume_offsets}
             self._resume_offsets.clear()
             # The previous owner may have published meanwhile, so the stored
@@ -82,6 +85,8 @@ class PartitionMoves:
         )
 
     def _drop(self, partitions: list[str], cause: str) -> None:
+        self._assigned.difference_update(partitions)
+        self._metrics.assigned_partitions.set(len(self._assigned))
         buffered, unread = self._state.drop(partitions)
         for partition in partitions:
             self._metrics.partition_lag.remove(partition)

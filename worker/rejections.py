@@ -58,4 +58,5 @@ class Rejections:
                 "Rejected record %s offset %d: %s: %s (%d rejected for %s so far)",
                 partition, offset, rejection.reason, short_detail(rejection.detail),
                 count, rejection.reason,
+                extra={"partition": partition, "offset": offset, "reason": rejection.reason},
             )

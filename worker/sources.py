@@ -94,10 +94,9 @@ class KafkaSource:
             auto_offset_reset="earliest",
             **options,
         )
-        # Loading the topics' metadata before joining the group matters with
-        # kafka-python 3.0.12: a group leader that has no partitions of a
-        # topic yet assigns none of them, and was seen not to rejoin when
-        # the metadata arrived, leaving the whole group idle.
+        # The topics' metadata is loaded before joining the group, so that
+        # the first assignment already covers every partition and the
+        # metadata's arrival does not force a second rebalance at once.
         for topic in config.topics:
             if not self._consumer.partitions_for_topic(topic):
                 log.warning(
@@ -114,6 +113,7 @@ class KafkaSource:
         )
 
     def poll(self, timeout_ms: int) -> list[SourceRecord]:
+        self._finish_stuck_rebalance()
         batches = self._consumer.poll(timeout_ms=timeout_ms)
         out = []
         for tp, records in batches.items():
@@ -121,6 +121,20 @@ class KafkaSource:
             for record in records:
                 out.append(SourceRecord(name, record.offset, record.key, record.value))
         return out
+
+    def _finish_stuck_rebalance(self) -> None:
+        """Restart a rebalance that kafka-python 3.0.12 left unfinished.
+
+        A rebalance the client starts on a metadata change stops counting as
+        needed once the leader computes the assignment. When the poll times
+        out before the SyncGroup response, no later poll completes it, every
+        commit fails with RebalanceInProgressError and the session expires.
+        """
+        coordinator = getattr(self._consumer, "_coordinator", None)
+        if coordinator is None or not coordinator.rebalance_in_progress() or coordinator.need_rejoin():
+            return
+        log.warning("The consumer group's rebalance stopped before it finished; joining the group again")
+        coordinator.request_rejoin()
 
     def commit(self, offsets: Mapping[str, int]) -> dict[str, int]:
         """Commit ``offsets`` of partitions still assigned; return what was committed.

@@ -9,7 +9,7 @@ import threading
 from typing import Any, Callable
 
 from modelstore.errors import ConfigError, SpecError
-from trainer.spec import ModelSpec
+from trainer.spec import ModelSpec, load_spec_file
 from worker.deadletter import DeadLetters
 from worker.metrics import WorkerMetrics
 from worker.settings import KafkaSourceConfig, WorkerSettings
@@ -18,14 +18,9 @@ log = logging.getLogger(__name__)
 
 
 def load_model_spec(path: str) -> dict[str, Any]:
-    """Read and validate the JSON model spec used to create models on first use."""
+    """Read and validate the model spec (JSON, or TOML when named ``*.toml``) used to create models on first use."""
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"invalid model_spec {path!r}: cannot read it as JSON ({err})") from None
-    try:
-        return ModelSpec.from_dict(raw).to_dict()
+        return load_spec_file(path).to_dict()
     except SpecError as err:
         raise ConfigError(f"invalid model_spec {path!r}: {err}") from None
 

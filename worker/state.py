@@ -1,4 +1,4 @@
-"""What a worker holds between reading a record and committing its offset."""
+"""The state a worker keeps between reading a record and committing its offset."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ class WorkState:
         self.batcher = Batcher(batch_max_records, batch_max_wait_ms, clock)
         self.tracker = OffsetTracker()
         self.in_flight = 0
+        # When each model's oldest unpublished batch was first taken for a refit.
+        self.first_taken: dict[str, float] = {}
         self._epochs: dict[str, int] = {}
         # Rejections of records whose model exists, stored with its next version.
         self._rejected_by_model: dict[str, dict[str, int]] = {}
