@@ -93,7 +93,12 @@ def _settings_parser(command: str, settings_cls: type) -> argparse.ArgumentParse
                 action=argparse.BooleanOptionalAction, help=help_text,
             )
             continue
-        kind = type(default) if isinstance(default, (int, float)) else str
+        if isinstance(default, (int, float)):
+            kind = type(default)
+        elif field.type in ("int | None", "Optional[int]"):
+            kind = int
+        else:
+            kind = str
         if "default" not in help_text:
             help_text = f"{help_text} (default: {default!r})".lstrip()
         parser.add_argument(flag, dest=field.name, default=None, type=kind, help=help_text)
@@ -116,7 +121,11 @@ def _load_settings(command: str, settings_cls: type, argv: list[str]) -> tuple[A
     config_file = args.pop("config")
     log_level = args.pop("log_level")
     log_format = args.pop("log_format")
-    defaults = {f.name: _field_default(f) for f in dataclasses.fields(settings_cls)}
+    # A setting typed ``int | None`` passes int, so its environment variable is read as a number.
+    defaults = {
+        f.name: int if f.type in ("int | None", "Optional[int]") and _field_default(f) is None else _field_default(f)
+        for f in dataclasses.fields(settings_cls)
+    }
     merged = merge_settings(command, defaults, args, config_file=config_file)
     return settings_cls.from_mapping(merged), log_level, log_format
 

@@ -81,9 +81,15 @@ def _read_toml_section(path: str, section: str) -> dict[str, Any]:
 def _from_env(name: str, value: str, default: Any) -> Any:
     """Convert one variable's text to the type of the setting's default.
 
-    Settings whose default is None or a string stay strings; the settings
-    class validates them.
+    ``default`` may also be the type itself, for a setting whose default is
+    None. Settings whose default is None or a string stay strings, and the
+    settings class validates them.
     """
+    if default is int:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name}={value[:80]!r} is invalid: expected a whole number") from None
     try:
         if isinstance(default, bool):
             return _parse_bool(value)

@@ -228,3 +228,81 @@ def test_scores_and_drift_are_exported(tmp_path, caplog):
     assert sample("streamfit_worker_scored_baseline_correct_total", {"model": "flip"}) == metrics["baseline_correct"]
     assert sample("streamfit_worker_drift_detections_total", {"model": "flip", "direction": "increase"}) >= 1
     assert any(r.getMessage().startswith("Drift detected for model flip") for r in caplog.records)
+
+
+@pytest.mark.parametrize(("setting", "versions"), [(None, [4, 8, 10]), (5, [5, 10])])
+def test_batch_size_from_spec_or_setting(tmp_path, setting, versions):
+    # The spec asks for batches of 4; an explicit worker setting wins over it.
+    url = f"sqlite:///{tmp_path}/models.db"
+    with open_store(url) as store:
+        store.create_model("delays", {**SPEC, "batch": {"max_records": 4}})
+    path = tmp_path / "ten.jsonl"
+    path.write_text("".join(json.dumps(good(i)) + "\n" for i in range(10)))
+    extra = {} if setting is None else {"batch_max_records": setting}
+
+    assert run(settings_for(path, url, batch_max_wait_ms=60_000, **extra), registry=CollectorRegistry()) == 0
+
+    with open_store(url) as store:
+        learned = [store.version("delays", v).samples_learned for v in range(1, store.head("delays").latest + 1)]
+    assert learned == versions
+
+
+@pytest.mark.parametrize(("scaler", "rejected_count"), [(None, 1), ("MaxAbsScaler", 1), ("MinMaxScaler", 0)])
+def test_negative_count_rejected_alone(tmp_path, scaler, rejected_count):
+    # One negative value among counts: only its record is rejected, unless
+    # a MinMaxScaler maps every row of the batch into [0, 1] first.
+    url = f"sqlite:///{tmp_path}/models.db"
+    with open_store(url) as store:
+        store.create_model("words", {"estimator": "MultinomialNB", "scaler": scaler,
+                                     "features": [{"name": "a"}, {"name": "b"}], "labels": ["x", "y"]})
+    rows = [{"model": "words", "features": {"a": i % 3, "b": (i + 1) % 4}, "label": "xy"[i % 2]} for i in range(9)]
+    rows[4]["features"]["b"] = -2
+    path = tmp_path / "counts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    registry = CollectorRegistry()
+
+    assert run(settings_for(path, url, batch_max_records=9), registry=registry) == 0
+
+    with open_store(url) as store:
+        assert store.version("words").samples_learned == 9 - rejected_count
+    assert (rejected(registry, "negative_input") or 0) == rejected_count
+
+
+def test_clustering_learns_unlabelled_records(tmp_path):
+    url = f"sqlite:///{tmp_path}/models.db"
+    with open_store(url) as store:
+        store.create_model("zones", {"estimator": "MiniBatchKMeans", "params": {"n_clusters": 2},
+                                     "features": [{"name": "x"}, {"name": "y"}]})
+    rng = np.random.default_rng(3)
+    centers = [(-5.0, -5.0), (5.0, 5.0)]
+    rows = [{"model": "zones", "features": dict(zip("xy", rng.normal(centers[i % 2], 0.5).tolist()))}
+            for i in range(40)]
+    path = tmp_path / "points.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    registry = CollectorRegistry()
+
+    assert run(settings_for(path, url, batch_max_records=20), registry=registry) == 0
+
+    with open_store(url) as store:
+        assert store.version("zones").samples_learned == 40
+    assert rejected(registry, "missing_label") == 0
+
+
+def test_metrics_port_in_use_named(tmp_path, store_url, capsys):
+    import socket
+
+    from streamfit.cli import main
+
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(good(0)) + "\n")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["worker", "--source", f"file:{path}", "--store", store_url,
+                     "--metrics-host", "127.0.0.1", "--metrics-port", str(port)])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert f"invalid metrics address 127.0.0.1:{port}" in err
+    assert "choose another metrics_port" in err
+    assert "Traceback" not in err

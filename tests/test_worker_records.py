@@ -26,6 +26,7 @@ class Spec:
     schema: FeatureSchema
     labels: LabelSet | None
     is_classifier: bool = True
+    is_clusterer: bool = False
 
 
 @pytest.fixture
@@ -85,8 +86,6 @@ def test_bad_bytes_stream_good_records():
         (b"null", "not_object"),
         (b'{"label":0}', "missing_features"),
         (b'{"features":null,"label":0}', "missing_features"),
-        (b'{"features":{"x":1}}', "missing_label"),
-        (b'{"features":{"x":1},"label":null}', "missing_label"),
     ],
 )
 def test_decode_rejects(value, reason):
@@ -148,6 +147,8 @@ def encode_reason(value, spec):
         (b'{"features":{"x":1,"carrier":"AA"},"label":"0"}', "label_type"),
         (b'{"features":{"x":1,"carrier":"AA"},"label":true}', "label_type"),
         (b'{"features":{"x":1,"carrier":"AA"},"label":7}', "unknown_label"),
+        (b'{"features":{"x":1,"carrier":"AA"}}', "missing_label"),
+        (b'{"features":{"x":1,"carrier":"AA"},"label":null}', "missing_label"),
     ],
 )
 def test_encode_rejects(value, reason, classifier):
@@ -178,3 +179,11 @@ def test_regressor_target_checked(regressor):
     assert encoded.label == 2.5
     assert encode_reason(b'{"features":{"x":1},"label":"high"}', regressor) == "label_type"
     assert encode_reason(b'{"features":{"x":1},"label":1e39}', regressor) == "non_finite"
+    assert encode_reason(b'{"features":{"x":1}}', regressor) == "missing_label"
+
+
+def test_clusterer_needs_no_label():
+    spec = Spec(schema=FeatureSchema.from_list([{"name": "x"}]), labels=None, is_classifier=False, is_clusterer=True)
+    assert encode_record(decode_record(b'{"features":{"x":1}}', b"m"), spec).label is None
+    # A label sent anyway is ignored, whatever its type.
+    assert encode_record(decode_record(b'{"features":{"x":1},"label":"a"}', b"m"), spec).label is None

@@ -12,7 +12,8 @@ from worker.sources import FileSource, parse_cell
 def test_defaults_for_kafka_source():
     settings = WorkerSettings.from_mapping({"source": "kafka://127.0.0.1:9092/flights"})
     assert settings.group_id == "streamfit-worker"
-    assert settings.batch_max_records == 1000
+    assert settings.batch_max_records is None
+    assert settings.batch_size(None) == 1000
     assert settings.batch_max_wait_ms == 1000
     assert settings.max_record_bytes == 1024 * 1024
     assert settings.metrics_port == 9101
@@ -174,7 +175,28 @@ def kafka_settings(**values):
 
 def test_buffer_bound_below_batch_rejected():
     with pytest.raises(ConfigError, match="max_buffered_records 500 is below batch_max_records 1000"):
-        kafka_settings(max_buffered_records=500)
+        kafka_settings(max_buffered_records=500, batch_max_records=1000)
+
+
+def test_batch_size_order():
+    # The worker's setting, else the model spec's batch.max_records, else 1000.
+    assert kafka_settings().batch_size(50) == 50
+    assert kafka_settings(batch_max_records=200).batch_size(50) == 200
+    assert kafka_settings(batch_max_records=200).batch_size(None) == 200
+    # A spec's batch larger than the buffer bound is cut to it, so it can fill.
+    assert kafka_settings(max_buffered_records=500).batch_size(2000) == 500
+
+
+def test_batch_size_from_environment(monkeypatch):
+    from streamfit.cli import _load_settings
+
+    monkeypatch.setenv("STREAMFIT_BATCH_MAX_RECORDS", "200")
+    settings, _, _ = _load_settings("worker", WorkerSettings, ["--source", "file:x.jsonl"])
+    assert settings.batch_max_records == 200
+
+    monkeypatch.setenv("STREAMFIT_BATCH_MAX_RECORDS", "lots")
+    with pytest.raises(ConfigError, match="STREAMFIT_BATCH_MAX_RECORDS='lots' is invalid: expected a whole number"):
+        _load_settings("worker", WorkerSettings, ["--source", "file:x.jsonl"])
 
 
 @pytest.mark.parametrize(

@@ -23,15 +23,18 @@ class BufferedRecord(NamedTuple):
 
 
 class _Buffer:
-    __slots__ = ("records", "oldest")
+    __slots__ = ("records", "oldest", "max_records")
 
-    def __init__(self, oldest: float):
+    def __init__(self, oldest: float, max_records: int):
         self.records: list[BufferedRecord] = []
         self.oldest = oldest
+        self.max_records = max_records
 
 
 class Batcher:
-    """Buffers records per model until ``max_records`` or ``max_wait_ms`` is reached.
+    """Buffers records per model until the model's batch size or ``max_wait_ms`` is reached.
+
+    ``max_records`` is the batch size of models added without one of their own.
 
     The age of a buffer is the time since its oldest record arrived, so a
     slow model is refit at most ``max_wait_ms`` after its first record.
@@ -47,6 +50,8 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000
         self._clock = clock
         self._buffers: dict[str, _Buffer] = {}
+        # Batch sizes of models added with their own, kept while their buffer is empty.
+        self._sizes: dict[str, int] = {}
 
     def __len__(self) -> int:
         return sum(len(b.records) for b in self._buffers.values())
@@ -54,13 +59,22 @@ class Batcher:
     def models(self) -> list[str]:
         return list(self._buffers)
 
-    def add(self, model: str, record: BufferedRecord) -> bool:
-        """Buffer ``record`` and return True when the model's buffer is full."""
+    def add(self, model: str, record: BufferedRecord, max_records: int | None = None) -> bool:
+        """Buffer ``record`` and return True when the model's buffer is full.
+
+        ``max_records`` sets the model's batch size, else ``self.max_records`` applies.
+        """
         buffer = self._buffers.get(model)
         if buffer is None:
-            buffer = self._buffers[model] = _Buffer(self._clock())
+            if max_records is not None:
+                self._sizes[model] = max_records
+            buffer = self._buffers[model] = _Buffer(self._clock(), self.batch_size(model))
         buffer.records.append(record)
-        return len(buffer.records) >= self.max_records
+        return len(buffer.records) >= buffer.max_records
+
+    def batch_size(self, model: str) -> int:
+        """Return the number of records per refit of ``model``."""
+        return self._sizes.get(model, self.max_records)
 
     def due(self) -> list[str]:
         """Return the models whose buffer is full or older than ``max_wait_ms``, oldest first."""
@@ -68,7 +82,7 @@ class Batcher:
         ready = [
             (buffer.oldest, model)
             for model, buffer in self._buffers.items()
-            if len(buffer.records) >= self.max_records or now - buffer.oldest >= self.max_wait_s
+            if len(buffer.records) >= buffer.max_records or now - buffer.oldest >= self.max_wait_s
         ]
         return [model for _, model in sorted(ready)]
 
@@ -79,18 +93,18 @@ class Batcher:
         now = self._clock()
         waits = []
         for buffer in self._buffers.values():
-            if len(buffer.records) >= self.max_records:
+            if len(buffer.records) >= buffer.max_records:
                 return 0.0
             waits.append(buffer.oldest + self.max_wait_s - now)
         return max(0.0, min(waits))
 
     def take(self, model: str) -> list[BufferedRecord]:
-        """Remove and return the model's buffered records, at most ``max_records`` of them."""
+        """Remove and return the model's buffered records, at most one batch of them."""
         buffer = self._buffers.get(model)
         if buffer is None:
             return []
-        taken = buffer.records[: self.max_records]
-        rest = buffer.records[self.max_records:]
+        taken = buffer.records[: buffer.max_records]
+        rest = buffer.records[buffer.max_records:]
         if rest:
             buffer.records = rest
             # The rest keeps its age: it was waiting as long as the batch taken.
@@ -115,7 +129,7 @@ class Batcher:
             return
         buffer = self._buffers.get(model)
         if buffer is None:
-            buffer = self._buffers[model] = _Buffer(0.0)
+            buffer = self._buffers[model] = _Buffer(0.0, self.batch_size(model))
         buffer.oldest = float("-inf") if delay_s <= 0 else self._clock() + delay_s - self.max_wait_s
         buffer.records[:0] = records
 

@@ -82,7 +82,7 @@ class Worker:
         self._dead_letters = dead_letters
         self._clock = clock
         self._lock = threading.RLock()
-        self._state = WorkState(settings.batch_max_records, settings.batch_max_wait_ms, clock)
+        self._state = WorkState(settings.batch_size(None), settings.batch_max_wait_ms, clock)
         self.moves = PartitionMoves(self._state, metrics, self._lock, dead_letters)
         self._rejections = Rejections(metrics, dead_letters)
         self._store = StoreHealth(metrics, FIRST_RETRY_BACKOFF_S, settings.max_retry_backoff_ms / 1000, clock)
@@ -108,10 +108,13 @@ class Worker:
             self._committer, self.settings.max_conflict_attempts, self._clock,
         )
         stops_at_end = self.settings.stops_at_end()
+        if self.settings.batch_max_records is not None:
+            sizes = f"{self.settings.batch_max_records} records"
+        else:
+            sizes = f"each model spec's batch.max_records (else {self.settings.batch_size(None)}) records"
         log.info(
-            "Worker started: source %s, store %s, batches of up to %d records or %d ms",
-            self.settings.source, self.settings.store,
-            self.settings.batch_max_records, self.settings.batch_max_wait_ms,
+            "Worker started: source %s, store %s, batches of up to %s or %d ms",
+            self.settings.source, self.settings.store, sizes, self.settings.batch_max_wait_ms,
         )
         while not self._stop.is_set():
             self._step()
@@ -233,7 +236,8 @@ class Worker:
         tracker.consumed(*position)
         tracker.add_pending(*position)
         source = record if self._dead_letters is not None else None
-        self._state.batcher.add(model, BufferedRecord(encoded.row, encoded.label, position, source))
+        size = self.settings.batch_size(getattr(entry.spec, "batch_max_records", None))
+        self._state.batcher.add(model, BufferedRecord(encoded.row, encoded.label, position, source), size)
 
     # -- refits ----------------------------------------------------------
 
@@ -347,8 +351,8 @@ def run(
     metrics = WorkerMetrics(registry)
     create_spec = load_model_spec(settings.model_spec) if settings.model_spec else None
     if settings.metrics_port:
-        serve_metrics(registry, settings.metrics_port)
-        log.info("Serving metrics on port %d", settings.metrics_port)
+        serve_metrics(registry, settings.metrics_port, settings.metrics_host)
+        log.info("Serving metrics on %s:%d", settings.metrics_host, settings.metrics_port)
 
     redact_in_logs(secret_values(settings.consumer_options()))
     store = open_store(settings.store)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from modelstore.errors import ConfigError
+
 # Refits of large batches with ONNX export can take minutes, so the buckets
 # reach 10 minutes.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -149,6 +151,15 @@ class WorkerMetrics:
         )
 
 
-def serve_metrics(registry: CollectorRegistry, port: int) -> None:
-    """Serve ``registry`` over HTTP on ``port`` (all interfaces) in a daemon thread."""
-    start_http_server(port, registry=registry)
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> None:
+    """Serve ``registry`` over HTTP on ``host``:``port`` in a daemon thread.
+
+    Raises ConfigError when the address cannot be bound, for example a port in use.
+    """
+    try:
+        start_http_server(port, addr=host, registry=registry)
+    except OSError as err:
+        raise ConfigError(
+            f"invalid metrics address {host}:{port}: {err.strerror or err}; choose another "
+            "metrics_port, or 0 to turn the metrics endpoint off"
+        ) from None

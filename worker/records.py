@@ -162,16 +162,26 @@ def decode_record(
         raise RecordRejected("empty", "the value is an empty JSON object")
     if "features" not in obj or obj["features"] is None:
         raise RecordRejected("missing_features", "the record has no 'features' field")
-    if "label" not in obj or obj["label"] is None:
-        raise RecordRejected("missing_label", "the record has no 'label' field")
     model = choose_model(obj, key, forced_model)
-    return DecodedRecord(model=model, features=obj["features"], label=obj["label"])
+    # The label may be missing here: a clustering model learns without one,
+    # and encode_record rejects its absence for the other tasks.
+    return DecodedRecord(model=model, features=obj["features"], label=obj.get("label"))
 
 
 def encode_record(record: DecodedRecord, spec: SpecLike) -> EncodedRecord:
     """Encode features with the model's schema and check the label, or raise RecordRejected."""
     row = spec.schema.encode_one(record.features)
-    if spec.is_classifier:
+    if _takes_counts(spec) and (row < 0).any():
+        column = int(np.flatnonzero(row < 0)[0])
+        name = spec.schema.column_names()[column]
+        raise RecordRejected(
+            "negative_input",
+            f"feature {name!r} is {float(row[column]):g}, but {spec.estimator} takes non-negative "
+            "counts; send non-negative values, or use scaler MinMaxScaler in the model's spec",
+        )
+    if getattr(spec, "is_clusterer", False):
+        label = None
+    elif spec.is_classifier:
         if spec.labels is None:
             raise RecordRejected("label_type", f"model {record.model!r} declares no labels")
         label = spec.labels.check(record.label)
@@ -182,6 +192,17 @@ def encode_record(record: DecodedRecord, spec: SpecLike) -> EncodedRecord:
     if isinstance(record.features, Mapping):
         extra = tuple(spec.schema.extra_keys(record.features))
     return EncodedRecord(row=row, label=label, extra_keys=extra)
+
+
+def _takes_counts(spec: SpecLike) -> bool:
+    """Return True when the spec's estimator rejects negative input that its scaler does not remove.
+
+    MinMaxScaler learns each batch before scaling it, so it maps every row
+    of the batch into [0, 1]. MaxAbsScaler keeps the signs, and so does no
+    scaler at all.
+    """
+    info = getattr(spec, "info", None)
+    return bool(getattr(info, "non_negative_input", False)) and getattr(spec, "scaler", None) != "MinMaxScaler"
 
 
 def short_detail(detail: str) -> str:

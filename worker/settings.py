@@ -20,6 +20,10 @@ from worker.kafka_config import check_options, masked, resolve_options
 MiB = 1024 * 1024
 
 
+# Records per refit of a model when neither the worker nor the model's spec sets it.
+DEFAULT_BATCH_MAX_RECORDS = 1000
+
+
 @dataclass(frozen=True)
 class KafkaSourceConfig:
     """A ``kafka://host:port[,host:port]/topic[,topic]`` source."""
@@ -58,7 +62,11 @@ class WorkerSettings:
         default=None,
         metadata={"help": "JSON model spec file; models missing from the store are created from it"},
     )
-    batch_max_records: int = field(default=1000, metadata={"help": "refit a model when its buffer has this many records"})
+    batch_max_records: int | None = field(
+        default=None,
+        metadata={"help": "refit a model when its buffer has this many records (default: the model "
+                          "spec's batch.max_records, else 1000)"},
+    )
     batch_max_wait_ms: int = field(
         default=1000, metadata={"help": "refit a model when its oldest buffered record is this many milliseconds old"}
     )
@@ -68,6 +76,10 @@ class WorkerSettings:
         default=None, metadata={"help": "Kafka topic that receives rejected records with their reason"}
     )
     metrics_port: int = field(default=9101, metadata={"help": "port of the Prometheus metrics endpoint; 0 turns it off"})
+    metrics_host: str = field(
+        default="0.0.0.0",
+        metadata={"help": "address of the metrics endpoint; 127.0.0.1 keeps it on this machine"},
+    )
     kafka_options: Mapping[str, Any] = field(
         default_factory=dict, metadata={"help": "extra KafkaConsumer options, such as TLS and SASL settings"}
     )
@@ -142,7 +154,9 @@ class WorkerSettings:
         _require_str("store", self.store)
         _require_str("group_id", self.group_id)
         _require_str("label_column", self.label_column)
-        _require_int("batch_max_records", self.batch_max_records, 1, 1_000_000)
+        _require_str("metrics_host", self.metrics_host)
+        if self.batch_max_records is not None:
+            _require_int("batch_max_records", self.batch_max_records, 1, 1_000_000)
         _require_int("batch_max_wait_ms", self.batch_max_wait_ms, 0, 24 * 3600 * 1000)
         _require_int("poll_timeout_ms", self.poll_timeout_ms, 1, 60_000)
         _require_int("max_record_bytes", self.max_record_bytes, 1, 64 * MiB)
@@ -154,7 +168,7 @@ class WorkerSettings:
         _require_int("max_conflict_attempts", self.max_conflict_attempts, 1, 100)
         _require_int("learner_cache_size", self.learner_cache_size, 1, 1_000_000)
         _require_int("learner_cache_bytes", self.learner_cache_bytes, MiB, 1024 * 1024 * MiB)
-        if self.max_buffered_records < self.batch_max_records:
+        if self.batch_max_records is not None and self.max_buffered_records < self.batch_max_records:
             raise ConfigError(
                 f"max_buffered_records {self.max_buffered_records} is below batch_max_records "
                 f"{self.batch_max_records}, so a batch could never fill; raise max_buffered_records "
@@ -194,6 +208,14 @@ class WorkerSettings:
 
     def parsed_source(self) -> KafkaSourceConfig | FileSourceConfig:
         return parse_source(self.source)
+
+    def batch_size(self, spec_batch: int | None) -> int:
+        """Return a model's records per refit: this setting, else its spec's, else the default.
+
+        The result never exceeds max_buffered_records, so every batch can fill.
+        """
+        size = self.batch_max_records or spec_batch or DEFAULT_BATCH_MAX_RECORDS
+        return min(size, self.max_buffered_records)
 
     def stops_at_end(self) -> bool:
         if self.exit_at_end is not None:
