@@ -142,6 +142,12 @@ class FeatureSchema:
             {c: j for j, c in enumerate(f.vocabulary)} for f in features
         ]
         self._offsets = np.cumsum([0] + [f.width for f in features])[:-1].tolist()
+        # (index, feature, first column, is numeric, category columns), built
+        # once because _fill runs per record.
+        self._plan = [
+            (i, f, start, f.kind == NUMERIC, self._category_index[i])
+            for i, (f, start) in enumerate(zip(self.features, self._offsets))
+        ]
 
     @classmethod
     def from_list(cls, raw: Any) -> "FeatureSchema":
@@ -184,8 +190,11 @@ class FeatureSchema:
         return [k for k in row if k not in self._index]
 
     def _fill(self, row: Mapping[str, Any] | Sequence[Any], out: np.ndarray) -> None:
-        if isinstance(row, Mapping):
-            values = [row.get(name, _MISSING) for name in self.names]
+        # A decoded JSON object is a dict, checked first because an
+        # isinstance check against the Mapping ABC is several times slower.
+        if type(row) is dict or isinstance(row, Mapping):
+            get = row.get
+            values = [get(name, _MISSING) for name in self.names]
         elif isinstance(row, (list, tuple)):
             if len(row) != len(self.features):
                 raise RecordRejected(
@@ -199,11 +208,21 @@ class FeatureSchema:
                 "wrong_type",
                 f"features must be an object or a list, got {type(row).__name__}",
             )
-        for i, (feature, value) in enumerate(zip(self.features, values)):
-            start = self._offsets[i]
+        for (i, feature, start, numeric, categories), value in zip(self._plan, values):
+            kind = type(value)
+            if numeric:
+                if (kind is float or kind is int) and -FLOAT32_MAX <= value <= FLOAT32_MAX:
+                    # The common case: a finite number in float32 range (NaN fails the comparison).
+                    out[start] = value
+                    continue
+            elif kind is str:
+                j = categories.get(value)
+                if j is not None:
+                    out[start + j] = 1.0
+                    continue
             if value is _MISSING or value is None:
                 self._fill_missing(feature, out, start)
-            elif feature.kind == NUMERIC:
+            elif numeric:
                 out[start] = _numeric(feature.name, value)
             else:
                 self._fill_category(i, feature, value, out, start)

@@ -92,17 +92,20 @@ class ADWIN:
     def update(self, x: float) -> str | None:
         """Add one value; return the direction of the change when the window was cut, else None."""
         self._insert(float(x))
-        self._compress()
+        # Only a full first row starts a merge, so most values skip the call.
+        if len(self.rows_[0]) > self.max_buckets:
+            self._compress()
         self.ticks_ += 1
         if self.ticks_ % self.clock or self.width_ < self.grace_period:
             return None
         return self._detect()
 
     def _insert(self, x: float) -> None:
-        self.width_ += 1
-        if self.width_ > 1:
-            previous_mean = self.total_ / (self.width_ - 1)
-            self.variance_ += (self.width_ - 1) * (x - previous_mean) ** 2 / self.width_
+        width = self.width_ + 1
+        self.width_ = width
+        if width > 1:
+            deviation = x - self.total_ / (width - 1)
+            self.variance_ += (width - 1) * deviation * deviation / width
         self.total_ += x
         self.rows_[0].append([x, 0.0])
 

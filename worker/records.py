@@ -77,6 +77,10 @@ def _parse_float(literal: str) -> float:
     return number
 
 
+# One decoder for every record: json.loads with hooks builds a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_parse_float)
+
+
 def parse_value(value: bytes | None, max_record_bytes: int) -> dict[str, Any]:
     """Parse a record value into a JSON object, or raise RecordRejected."""
     if value is None or len(value) == 0:
@@ -96,7 +100,7 @@ def parse_value(value: bytes | None, max_record_bytes: int) -> dict[str, Any]:
         ) from None
 
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_parse_float)
+        obj = _DECODER.decode(text)
     except _NonFiniteNumber as err:
         raise RecordRejected(
             "non_finite", f"the value contains the non-finite number {err.literal[:40]}"
@@ -189,8 +193,9 @@ def encode_record(record: DecodedRecord, spec: SpecLike) -> EncodedRecord:
         label = check_target(record.label)
 
     extra: tuple[str, ...] = ()
-    if isinstance(record.features, Mapping):
-        extra = tuple(spec.schema.extra_keys(record.features))
+    features = record.features
+    if type(features) is dict or isinstance(features, Mapping):
+        extra = tuple(spec.schema.extra_keys(features))
     return EncodedRecord(row=row, label=label, extra_keys=extra)
 
 
