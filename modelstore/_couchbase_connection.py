@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Iterator
@@ -17,18 +18,21 @@ from couchbase.exceptions import (
     AmbiguousTimeoutException,
     AuthenticationException,
     CollectionAlreadyExistsException,
+    CollectionNotFoundException,
     CouchbaseException,
+    DocumentNotFoundException,
     DurabilitySyncWriteAmbiguousException,
     MissingConnectionException,
     RateLimitedException,
     RequestCanceledException,
     ScopeAlreadyExistsException,
+    ScopeNotFoundException,
     ServiceUnavailableException,
     TemporaryFailException,
     TimeoutException,
     UnAmbiguousTimeoutException,
 )
-from couchbase.options import ClusterOptions, ClusterTimeoutOptions, WaitUntilReadyOptions
+from couchbase.options import ClusterOptions, ClusterTimeoutOptions, GetOptions, WaitUntilReadyOptions
 
 from modelstore import _fork, _keys
 from modelstore._couchbase_settings import CouchbaseSettings
@@ -122,7 +126,8 @@ class Connection:
                 )
                 bucket = cluster.bucket(settings.bucket)
                 if settings.create_collections and not self._collections_checked:
-                    _ensure_collections(bucket, settings.scope)
+                    if _ensure_collections(bucket, settings.scope):
+                        _wait_until_usable(bucket, settings.scope, settings.connect_timeout_ms / 1000)
                     self._collections_checked = True
             except BaseException:
                 cluster.close()
@@ -136,15 +141,16 @@ class Connection:
         )
 
 
-def _ensure_collections(bucket, scope: str) -> None:
-    """Create the scope and the store's collections when missing.
+def _ensure_collections(bucket, scope: str) -> bool:
+    """Create the scope and the store's collections when missing; return True if any was missing.
 
     Another process may create them at the same time, so "already exists"
     counts as success.
     """
     manager = bucket.collections()
     existing = {spec.name: {c.name for c in spec.collections} for spec in manager.get_all_scopes()}
-    if scope not in existing:
+    missing = scope not in existing
+    if missing:
         try:
             manager.create_scope(scope)
             log.info("created Couchbase scope %r", scope)
@@ -154,11 +160,45 @@ def _ensure_collections(bucket, scope: str) -> None:
     for name in _keys.COLLECTIONS:
         if name in existing[scope]:
             continue
+        missing = True
         try:
             manager.create_collection(scope, name)
             log.info("created Couchbase collection %s.%s", scope, name)
         except CollectionAlreadyExistsException:
             pass
+    return missing
+
+
+# Read from every new collection until the data service knows it. The key
+# is not a store key, so the read finds nothing.
+_PROBE_KEY = "streamfit-collection-probe"
+_PROBE_TIMEOUT = timedelta(seconds=1)
+_NOT_READY = (CollectionNotFoundException, ScopeNotFoundException)
+
+
+def _wait_until_usable(bucket, scope: str, timeout_s: float) -> None:
+    """Wait until key-value reads reach each of the store's collections.
+
+    A collection created through the collection manager is not usable at
+    once: until the data service has the new collection manifest, reads and
+    writes time out or fail with CollectionNotFound.
+    """
+    deadline = time.monotonic() + timeout_s
+    for name in _keys.COLLECTIONS:
+        collection = bucket.scope(scope).collection(name)
+        while True:
+            try:
+                collection.get(_PROBE_KEY, GetOptions(timeout=_PROBE_TIMEOUT))
+                break
+            except DocumentNotFoundException:
+                break
+            except _NOT_READY + UNAVAILABLE as exc:
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"collection {scope}.{name} was created but is not usable after "
+                        f"{timeout_s:g} s ({type(exc).__name__}); retry later"
+                    ) from exc
+                time.sleep(0.1)
 
 
 @contextmanager

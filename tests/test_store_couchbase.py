@@ -232,6 +232,30 @@ def test_collections_created_when_missing(gocaves_server):
             store.close()
 
 
+def test_new_collections_probed_until_usable(gocaves_server):
+    from modelstore._couchbase_connection import _ensure_collections, _wait_until_usable
+
+    cluster = Cluster(gocaves_server.connstr, ClusterOptions(
+        PasswordAuthenticator(gocaves_server.username, gocaves_server.password)))
+    try:
+        cluster.wait_until_ready(timedelta(seconds=10))
+        bucket = cluster.bucket(gocaves_server.bucket)
+        scope = f"probe-{uuid.uuid4().hex[:8]}"
+        assert _ensure_collections(bucket, scope) is True
+        assert _ensure_collections(bucket, scope) is False
+        # Right after creation a write may not reach the collection yet;
+        # after the probe every collection takes one.
+        _wait_until_usable(bucket, scope, 10)
+        for name in _keys.COLLECTIONS:
+            bucket.scope(scope).collection(name).upsert("k", {"n": 1})
+        # A scope that does not exist never becomes usable: the wait ends
+        # with an error that names the collection.
+        with pytest.raises(StoreUnavailable, match=r"collection never-[0-9a-f]+\.\w+ was created but is not usable after 1 s"):
+            _wait_until_usable(bucket, f"never-{uuid.uuid4().hex[:8]}", 1)
+    finally:
+        cluster.close()
+
+
 def test_wrong_password_not_retriable(gocaves_server):
     environ = {"STREAMFIT_COUCHBASE_USERNAME": gocaves_server.username,
                "STREAMFIT_COUCHBASE_PASSWORD": "wrong-secret-value"}
