@@ -169,8 +169,8 @@ def _ensure_collections(bucket, scope: str) -> bool:
     return missing
 
 
-# Read from every new collection until the data service has its manifest. The key
-# is not a store key, so the read finds nothing.
+# Read from every new collection until the data service has its manifest.
+# The key is not a store key, so the read finds nothing.
 _PROBE_KEY = "streamfit-collection-probe"
 _PROBE_TIMEOUT = timedelta(seconds=1)
 _NOT_READY = (CollectionNotFoundException, ScopeNotFoundException)

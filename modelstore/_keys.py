@@ -29,3 +29,7 @@ def version_pointer(model: str, version: int) -> str:
 
 def chunk(model: str, publish_id: str, kind: str, index: int) -> str:
     return f"{model}::{publish_id}::{kind}::{index}"
+
+
+def prediction(model: str, key: str) -> str:
+    return f"{model}::p::{key}"

@@ -12,7 +12,8 @@ from typing import Iterator
 from modelstore import _fork
 from modelstore.errors import ConfigError, StoreError, StoreUnavailable
 
-SCHEMA_VERSION = 1
+# Version 2 added the predictions table. A version-1 file gets it when it is opened.
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS heads (
@@ -40,6 +41,14 @@ CREATE TABLE IF NOT EXISTS artifacts (
     bytes BLOB NOT NULL,
     PRIMARY KEY (model, publish_id, kind, chunk)
 );
+CREATE TABLE IF NOT EXISTS predictions (
+    model TEXT NOT NULL,
+    key TEXT NOT NULL,
+    body TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (model, key)
+);
+CREATE INDEX IF NOT EXISTS predictions_expiry ON predictions (expires_at);
 """
 
 # SQLite result codes (primary code, the low byte of the extended one) that

@@ -265,6 +265,21 @@ class ModelStore(abc.ABC):
         exists here, and ``imported`` records the original publish id.
         """
 
+    @abc.abstractmethod
+    def put_predictions(self, model: str, predictions: Mapping[str, bytes], expiry_s: int) -> None:
+        """Store prediction documents of ``model``, each a JSON object as bytes, under their keys.
+
+        A document replaces the one stored under the same key, and is gone
+        ``expiry_s`` seconds after it was written. Keys follow
+        ``modelstore.predictions.check_key``. Raises InvalidModelName or
+        InvalidInputError before any store access, StoreUnavailable when the
+        store cannot be reached (nothing or part of the batch is written).
+        """
+
+    @abc.abstractmethod
+    def prediction(self, model: str, key: str) -> dict[str, Any] | None:
+        """Return the stored prediction of ``model`` under ``key``, or None when absent or expired."""
+
     def close(self) -> None:
         """Release the store's connections; a later call opens them again."""
 

@@ -37,13 +37,16 @@ is finished by the next one (``modelstore._couchbase_lifecycle``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from datetime import timedelta
 from typing import Any, Iterable, Mapping
 
-from couchbase.exceptions import DocumentExistsException
+from couchbase.exceptions import DocumentExistsException, DocumentNotFoundException
+from couchbase.options import GetOptions, UpsertMultiOptions
+from couchbase.transcoder import RawJSONTranscoder
 
 from modelstore import _artifacts, _chunks, _keys, _publish, _retention
 from modelstore import _couchbase_heads as _heads
@@ -62,12 +65,17 @@ from modelstore.errors import (
     VersionNotFound,
 )
 from modelstore.names import validate_alias_name, validate_model_name
+from modelstore.predictions import check_document, check_expiry, check_key
 
 log = logging.getLogger(__name__)
 
 # Tries of an operator's head change (alias, rollback, retention, delete)
 # when other writers change the head at the same time.
 LIFECYCLE_ATTEMPTS = 5
+
+
+# Prediction documents are JSON text already, so they are stored as they are.
+_RAW_JSON = RawJSONTranscoder()
 
 
 class CouchbaseStore(ModelStore):
@@ -410,6 +418,37 @@ class CouchbaseStore(ModelStore):
         validate_model_name(model)
         _lifecycle.retry(model, "deleting the model", lambda: _lifecycle.delete_model(self, model))
         log.info("deleted model %r from %s", model, self.url)
+
+    # ------------------------------------------------------------ predictions
+
+    def put_predictions(self, model: str, predictions: Mapping[str, bytes], expiry_s: int) -> None:
+        # A model's predictions are not deleted with it, because finding
+        # them would need a query; they expire instead.
+        validate_model_name(model)
+        check_expiry(expiry_s)
+        documents = {
+            _keys.prediction(model, check_key(key)): check_document(model, key, body).encode("utf-8")
+            for key, body in predictions.items()
+        }
+        if not documents:
+            return
+        collection = self._documents.connection.collection(_keys.PREDICTIONS)
+        options = UpsertMultiOptions(
+            transcoder=_RAW_JSON, expiry=timedelta(seconds=expiry_s), return_exceptions=False
+        )
+        with map_errors(f"storing {len(documents)} predictions of model {model!r}"):
+            collection.upsert_multi(documents, options)
+
+    def prediction(self, model: str, key: str) -> dict[str, Any] | None:
+        validate_model_name(model)
+        check_key(key)
+        collection = self._documents.connection.collection(_keys.PREDICTIONS)
+        with map_errors(f"reading prediction {key!r} of model {model!r}"):
+            try:
+                result = collection.get(_keys.prediction(model, key), GetOptions(transcoder=_RAW_JSON))
+            except DocumentNotFoundException:
+                return None
+        return json.loads(result.content_as[bytes])
 
     def import_version(self, expected: Head, metadata: Mapping[str, Any],
                        artifacts: Mapping[str, bytes | Reuse]) -> VersionInfo:

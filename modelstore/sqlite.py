@@ -32,6 +32,7 @@ from modelstore.errors import (
     VersionNotFound,
 )
 from modelstore.names import validate_alias_name, validate_model_name
+from modelstore.predictions import check_document, check_expiry, check_key
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,33 @@ class SQLiteStore(ModelStore):
         validate_model_name(model)
         with self._write_transaction() as conn:
             _lifecycle.delete_model(self, conn, model)
+            conn.execute("DELETE FROM predictions WHERE model = ?", (model,))
         log.info("deleted model %r from %s", model, self.url)
+
+    # ------------------------------------------------------------ predictions
+
+    def put_predictions(self, model: str, predictions: Mapping[str, bytes], expiry_s: int) -> None:
+        validate_model_name(model)
+        check_expiry(expiry_s)
+        rows = [(model, check_key(key), check_document(model, key, body)) for key, body in predictions.items()]
+        now = time.time()
+        with self._write_transaction() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO predictions (model, key, body, expires_at) VALUES (?, ?, ?, ?)",
+                [(m, k, b, now + expiry_s) for m, k, b in rows],
+            )
+            # Expired documents go with the next write, so the table does not grow without bound.
+            conn.execute("DELETE FROM predictions WHERE expires_at < ?", (now,))
+
+    def prediction(self, model: str, key: str) -> dict[str, Any] | None:
+        validate_model_name(model)
+        check_key(key)
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT body FROM predictions WHERE model = ? AND key = ? AND expires_at >= ?",
+                (model, key, time.time()),
+            ).fetchone()
+        return json.loads(row[0]) if row else None
 
     def import_version(self, expected: Head, metadata: Mapping[str, Any],
                        artifacts: Mapping[str, bytes | Reuse]) -> VersionInfo:
@@ -432,3 +459,4 @@ def _load_json(text: object, where: str) -> Any:
         return json.loads(text)
     except (TypeError, ValueError) as exc:
         raise ArtifactCorrupt(f"stored {where} is not valid JSON ({exc})") from None
+

@@ -96,7 +96,7 @@ class Predictor:
             # Imported here, so an HTTP-only predictor never loads the Kafka client.
             from predictor.streaming import StreamPredictor
 
-            self.stream = StreamPredictor(self.settings, self.cache, self.metrics)
+            self.stream = StreamPredictor(self.settings, self.cache, self.metrics, self.store)
             self.stream.start()
 
     def stop(self) -> None:

@@ -114,6 +114,11 @@ class PredictorMetrics:
             "Duration of the last sweep of the head watcher, loads of new versions included.",
             registry=registry,
         )
+        self.stream_stored = Counter(
+            f"{PREFIX}_stream_stored_predictions_total",
+            "Predictions of the source topics kept in the store's predictions collection.",
+            registry=registry,
+        )
         self.stream_records = Counter(
             f"{PREFIX}_stream_records_total",
             "Records of the source topics, by result (predicted, rejected).",

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 
 from modelstore.errors import ConfigError, InvalidModelName
 from modelstore.names import validate_model_name
+from modelstore.predictions import DEFAULT_EXPIRY_S, MAX_EXPIRY_S
 
 CPU_MAX_PATH = Path("/sys/fs/cgroup/cpu.max")
 
@@ -126,6 +127,15 @@ class PredictorSettings:
         default=500,
         metadata={"help": "maximum records of source read and predicted in one batch"},
     )
+    store_predictions: bool = field(
+        default=False,
+        metadata={"help": "also keep each prediction of source in the store's predictions "
+                          "collection, under the record's id, else its topic/partition/offset"},
+    )
+    prediction_expiry_s: int = field(
+        default=DEFAULT_EXPIRY_S,
+        metadata={"help": "seconds a stored prediction is kept (default: 7 days, at most 30 days)"},
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, str) or not self.store:
@@ -144,6 +154,9 @@ class PredictorSettings:
         _check_int("inter_op_threads", self.inter_op_threads, 1, 1024)
         _check_int("stream_max_record_bytes", self.stream_max_record_bytes, 64, 1024**3)
         _check_int("stream_batch_records", self.stream_batch_records, 1, 100_000)
+        _check_int("prediction_expiry_s", self.prediction_expiry_s, 1, MAX_EXPIRY_S)
+        if not isinstance(self.store_predictions, bool):
+            raise ConfigError(f"store_predictions: expected true or false, got {self.store_predictions!r}")
         self._check_stream()
 
     def _check_stream(self) -> None:
@@ -162,6 +175,11 @@ class PredictorSettings:
                         f"{name}={getattr(self, name)!r} needs a source; set source to "
                         "kafka://host:port/topic or remove the setting"
                     )
+            if self.store_predictions:
+                raise ConfigError(
+                    "store_predictions stores the predictions of a source; set source to "
+                    "kafka://host:port/topic or turn store_predictions off"
+                )
             return
         source = parse_kafka_source(self.source)
         if self.output_topic is None:
@@ -209,6 +227,11 @@ class PredictorSettings:
             )
         converted = {}
         for key, value in values.items():
+            if known[key].type in ("bool", bool) and isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+                value = lowered in ("true", "1", "yes")
             if known[key].type in ("int", int) and isinstance(value, str):
                 try:
                     value = int(value.strip())

@@ -21,14 +21,16 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
+from modelstore.base import ModelStore
 from modelstore.errors import ConfigError, ModelNotFound, RecordRejected, StoreError
+from modelstore.predictions import prediction_key
 
 from predictor.metrics import PredictorMetrics
 from predictor.sessions import NotServable, SessionCache
@@ -53,13 +55,24 @@ class _Retry(Exception):
 class _Outcome:
     predictions: list[tuple[Any, bytes | None, bytes]]
     rejected: list[tuple[Any, str, str]]
+    # Per model, the prediction documents to keep in the store, by prediction key.
+    stored: dict[str, dict[str, bytes]] = field(default_factory=lambda: defaultdict(dict))
 
 
 class StreamPredictor:
     """Consume feature records and produce predictions on one daemon thread."""
 
-    def __init__(self, settings: PredictorSettings, cache: SessionCache, metrics: PredictorMetrics):
+    def __init__(
+        self,
+        settings: PredictorSettings,
+        cache: SessionCache,
+        metrics: PredictorMetrics,
+        store: ModelStore | None = None,
+    ):
+        if settings.store_predictions and store is None:
+            raise ConfigError("store_predictions needs the model store to write to")
         self._settings = settings
+        self._store = store
         self._source = parse_kafka_source(settings.source)
         self._cache = cache
         self._metrics = metrics
@@ -155,6 +168,7 @@ class StreamPredictor:
             for record, reason, detail in outcome.rejected:
                 self._dead_letter(record, reason, detail)
             self._producer.flush(timeout=FLUSH_TIMEOUT_S)
+            self._store_predictions(outcome)
         except _Retry as exc:
             self._rewind(records)
             self._metrics.stream_retries.inc()
@@ -173,6 +187,19 @@ class StreamPredictor:
         if self._settings.stream_dead_letter_topic is not None:
             self._metrics.stream_dead_letters.inc(len(outcome.rejected))
         self._backoff_s = BACKOFF_FIRST_S
+
+    def _store_predictions(self, outcome: _Outcome) -> None:
+        """Keep the batch's predictions in the store when configured; a store failure retries the batch."""
+        if not self._settings.store_predictions:
+            return
+        for name, documents in outcome.stored.items():
+            try:
+                self._store.put_predictions(name, documents, self._settings.prediction_expiry_s)
+            except StoreError as exc:
+                if not exc.retriable:
+                    raise
+                raise _Retry(f"storing the predictions of model {name!r} failed: {exc}") from None
+            self._metrics.stream_stored.inc(len(documents))
 
     def _predict(self, records: list[Any]) -> _Outcome:
         outcome = _Outcome([], [])
@@ -229,6 +256,8 @@ class StreamPredictor:
             source = (record.topic, record.partition, record.offset)
             value = prediction_value(model, arrays, row, decoded, source)
             outcome.predictions.append((record, record.key, value))
+            if self._settings.store_predictions:
+                outcome.stored[name][prediction_key(decoded.id, *source)] = value
 
     # ------------------------------------------------------------ Kafka
 

@@ -298,3 +298,35 @@ def test_predictor_command_streams(kafka_server, kafka_topic, store, tmp_path):
     assert [b["outputs"]["label"] for b in bodies] == pm.sklearn_predict("sgd", 1, rows).tolist()
     assert f"predicting records of {source}" in log
     assert "stream predictor stopped" in log
+
+
+def test_stream_stores_predictions(kafka_server, kafka_topic, store):
+    pm.publish(store, "flights", "sgd", seed=1)
+    source, output = kafka_topic(1), kafka_topic(1)
+    rows = pm.sample_rows(3, seed=4)
+    # Two records with an id, one without: its prediction is kept under its position.
+    produce(kafka_server.bootstrap, source, [
+        (b"flights", feature_record(rows[0], "order-1")),
+        (b"flights", feature_record(rows[1], 42)),
+        (b"flights", feature_record(rows[2])),
+    ])
+    server = start_server(store, source, kafka_server.bootstrap, output_topic=output,
+                          stream_group_id=f"stored-{uuid.uuid4().hex[:8]}", store_predictions=True,
+                          prediction_expiry_s=3600)
+    try:
+        sent = consume(kafka_server.bootstrap, output, 3)
+        wait_until(lambda: server.metric("streamfit_predictor_stream_stored_predictions_total") == 3,
+                   "the three predictions are stored")
+    finally:
+        server.stop()
+
+    stored = [store.prediction("flights", key) for key in ("order-1", "42", f"{source}/0/2")]
+    assert stored == [json.loads(m.value) for m in sent]
+    assert stored[0]["outputs"]["label"] == pm.sklearn_predict("sgd", 1, [rows[0]])[0]
+
+
+def test_store_predictions_needs_source(store):
+    from modelstore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="store_predictions stores the predictions of a source"):
+        PredictorSettings(store=store.url, store_predictions=True)

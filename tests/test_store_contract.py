@@ -574,3 +574,46 @@ def test_forked_child_exits_normally(backend, model):
 
     assert process.returncode == 0, stderr
     assert "child exit code 0" in stdout
+
+
+# ---------------------------------------------------------------- stored predictions
+
+
+def test_predictions_stored_and_replaced(store, model):
+    first = b'{"model":"m","version":1,"outputs":{"label":[1]}}'
+    second = b'{"model":"m","version":2,"outputs":{"label":[0]}}'
+    store.put_predictions(model, {"order-7": first, "t/0/12": first}, expiry_s=3600)
+    assert store.prediction(model, "order-7")["version"] == 1
+    assert store.prediction(model, "t/0/12")["outputs"] == {"label": [1]}
+    assert store.prediction(model, "absent") is None
+
+    store.put_predictions(model, {"order-7": second}, expiry_s=3600)
+    assert store.prediction(model, "order-7")["version"] == 2
+    # Predictions of another model are separate.
+    assert store.prediction(model + "x", "order-7") is None
+
+
+@pytest.mark.parametrize(
+    "predictions, expiry_s, message",
+    [
+        ({"k": b"[1,2]"}, 60, "is not a JSON object"),
+        ({"k": b"\xff"}, 60, "is not a JSON object"),
+        ({"": b"{}"}, 60, "invalid prediction key ''"),
+        ({"a\nb": b"{}"}, 60, "invalid prediction key"),
+        ({"k" * 200: b"{}"}, 60, "use 1 to 128 bytes"),
+        ({"k": b"{}"}, 0, "invalid prediction expiry 0"),
+        ({"k": b"{}"}, 31 * 24 * 3600, "from 1 to 2592000"),
+    ],
+)
+def test_invalid_predictions_rejected(store, model, predictions, expiry_s, message):
+    with pytest.raises(InvalidInputError, match=message):
+        store.put_predictions(model, predictions, expiry_s=expiry_s)
+
+
+def test_predictions_expire(store, model):
+    store.put_predictions(model, {"k": b'{"version":1}'}, expiry_s=1)
+    assert store.prediction(model, "k") == {"version": 1}
+    deadline = time.monotonic() + 30
+    while store.prediction(model, "k") is not None:
+        assert time.monotonic() < deadline, "the prediction did not expire within 30 s of its 1 s expiry"
+        time.sleep(0.2)

@@ -105,6 +105,25 @@ def test_newer_schema_rejected(path):
         SQLiteStore(path)
 
 
+def test_version_one_file_gains_predictions(path):
+    # A file written before stored predictions existed: schema version 1.
+    with SQLiteStore(path) as store:
+        store.create_model("m", {"estimator": "SGDRegressor", "params": {}, "features": [{"name": "x"}]})
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE predictions")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+
+    with SQLiteStore(path) as store:
+        assert store.list_models() == ["m"]
+        store.put_predictions("m", {"k": b'{"version":0}'}, expiry_s=60)
+        assert store.prediction("m", "k") == {"version": 0}
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+
+
 def test_not_a_database(path):
     path.write_bytes(b"this is not a SQLite file" * 100)
 
@@ -237,3 +256,15 @@ def test_writer_and_reader_processes(store):
     assert os.waitstatus_to_exitcode(status) == 0
     assert seen == sorted(seen)
     assert seen[-1] == versions
+
+
+def test_delete_model_removes_its_predictions(path):
+    spec = {"estimator": "SGDRegressor", "params": {}, "features": [{"name": "x"}]}
+    with SQLiteStore(path) as store:
+        for name in ("gone", "kept"):
+            store.create_model(name, spec)
+            store.put_predictions(name, {"k": b'{"version":0}'}, expiry_s=60)
+        store.delete_model("gone")
+        store.create_model("gone", spec)
+        assert store.prediction("gone", "k") is None
+        assert store.prediction("kept", "k") == {"version": 0}
