@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
 
+from modelstore import open_store
 from modelstore.errors import ConfigError
 
 from predictor.app import create_app
@@ -66,8 +68,16 @@ def run(settings: PredictorSettings) -> int:
         settings.intra_op_threads, settings.inter_op_threads, cpu_quota_cores(),
     )
 
+    # The store and the address are checked before the server starts, so a
+    # wrong store URL or a port in use is one clear error, not a traceback.
+    store = open_store(settings.store)
+    try:
+        listener = bind_listener(settings.host, settings.port)
+    except BaseException:
+        store.close()
+        raise
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, store=store),
         host=settings.host,
         port=settings.port,
         workers=1,
@@ -76,5 +86,30 @@ def run(settings: PredictorSettings) -> int:
         access_log=False,
         log_config=None,
     )
-    _Server(config).run()
+    try:
+        _Server(config).run(sockets=[listener])
+    finally:
+        listener.close()
+        store.close()
     return 0
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """Return a socket bound to ``host``:``port``; raise ConfigError when the address cannot be used."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"invalid host {host!r}: {exc.strerror}; use an address such as 127.0.0.1") from None
+    family, kind, proto, _, address = infos[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind(address)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(
+            f"invalid address {host}:{port}: {exc.strerror or exc}; choose another --port "
+            "(or --host), or stop the process that uses it"
+        ) from None
+    listener.set_inheritable(False)
+    return listener

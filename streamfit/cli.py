@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -48,12 +49,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _run_train,
     }
     try:
-        return handlers[command](rest)
+        code = handlers[command](rest)
+        # Flushed here, so that a closed pipe shows up below and not at exit.
+        sys.stdout.flush()
+        return code
     except StreamfitError as exc:
         print(f"streamfit {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of the output went away (as with `| head`). Python would
+        # report the pipe again when it flushes stdout at exit, so stdout is
+        # pointed at /dev/null first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _top_parser() -> argparse.ArgumentParser:

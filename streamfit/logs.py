@@ -32,9 +32,11 @@ FIELDS = ("model", "version", "topic", "partition", "offset")
 LOG_FORMAT_VARIABLE = "STREAMFIT_LOG_FORMAT"
 
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
+# uvicorn adds ``color_message``, its message with terminal colour codes,
+# which is not a field of the line.
 _STANDARD_ATTRIBUTES = frozenset(
     logging.LogRecord("", 0, "", 0, "", (), None).__dict__
-) | {"message", "asctime", "taskName"}
+) | {"message", "asctime", "taskName", "color_message"}
 
 
 def record_fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -136,3 +136,10 @@ def test_invalid_settings_rejected(call, message):
 
 def test_default_format_is_text():
     assert log_format_setting(None, {}) == "text"
+
+
+def test_uvicorn_color_message_not_a_field():
+    # uvicorn passes its coloured copy of the message as extra color_message.
+    line = emit(TextFormatter(), "Started server process [%d]", 7, color_message="Started \x1b[36m%d\x1b[0m")
+    assert line.endswith("WARNING worker.loop: Started server process [7]")
+    assert "color_message" not in emit(JsonFormatter(), "Started", color_message="x")

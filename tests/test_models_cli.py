@@ -252,3 +252,19 @@ def test_create_from_toml_spec(capsys, sqlite_url, tmp_path):
     code, _, err = run(capsys, "--store", sqlite_url, "create", "other", "--spec", str(broken))
     assert code != 0
     assert f"spec file {str(broken)!r} is not valid TOML" in err
+
+
+def test_output_into_closed_pipe_exits_quietly(flights, tmp_path):
+    # `streamfit models history | head -1`: the reader leaves after one line.
+    import subprocess
+    import sys
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamfit.cli", "models", "--store", flights, "history", "flights"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert b"Traceback" not in err
+    assert b"BrokenPipeError" not in err

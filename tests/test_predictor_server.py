@@ -278,3 +278,31 @@ def test_single_process_check():
     check_single_process({"WEB_CONCURRENCY": "1"})
     with pytest.raises(ConfigError, match="run more containers"):
         check_single_process({"WEB_CONCURRENCY": "2"})
+
+
+def predictor_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamfit.cli", "predictor", *args],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_bad_store_url_is_one_line(tmp_path):
+    out = predictor_command("--store", "sqlite://models.db", "--port", str(free_port()))
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("streamfit predictor: error: invalid SQLite store URL 'sqlite://models.db'")
+    assert "Traceback" not in out.stderr
+
+
+def test_port_in_use_is_one_line(store):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = predictor_command("--store", store.url, "--port", str(port))
+    assert out.returncode == 2
+    assert f"invalid address 127.0.0.1:{port}" in out.stderr
+    assert "choose another --port" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "predictor is ready" not in out.stderr

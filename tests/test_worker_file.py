@@ -304,5 +304,5 @@ def test_metrics_port_in_use_named(tmp_path, store_url, capsys):
     assert code != 0
     err = capsys.readouterr().err
     assert f"invalid metrics address 127.0.0.1:{port}" in err
-    assert "choose another metrics_port" in err
+    assert "choose another metrics_port" in err and "check metrics_host" in err
     assert "Traceback" not in err

@@ -195,13 +195,16 @@ def test_lost_partitions_commit_nothing(kafka_server, kafka_topic, store_url, tm
         ends = end_offsets(kafka_server.bootstrap, topic, 4)
         wait_until(lambda: committed_offsets(kafka_server.bootstrap, group) == ends,
                    "the other worker takes every partition over and commits to the end", timeout=180)
+        resumed_at = len(log_path.read_text())
         frozen.send_signal(signal.SIGCONT)
-        # The resumed worker learns that its membership expired either from a
-        # heartbeat (its partitions are lost) or, when a rebalance is under
-        # way, from rejoining as a new member (they are revoked). Either way
-        # it drops the 80 records without committing anything.
-        wait_until(lambda: "Dropped 80 buffered and 0 unread records" in log_path.read_text(),
-                   "the resumed worker drops its buffered records", timeout=180,
+        # The resumed worker learns that its membership expired, either from
+        # a heartbeat (its partitions are lost) or by rejoining as a new
+        # member. kafka-python 3.0.12 then revokes the partitions that moved
+        # and may give some back. Either way nothing is committed for them,
+        # and records still buffered are skipped by the stored offsets.
+        wait_until(lambda: any(mark in log_path.read_text()[resumed_at:]
+                               for mark in ("Partitions lost", "Partitions revoked")),
+                   "the resumed worker gives up partitions", timeout=180,
                    seen=lambda: log_path.read_text()[-3000:])
         # The resumed worker rejoins and reads on. Its batches wait ten
         # minutes, so stopping it is what publishes the new records it took.
@@ -220,9 +223,11 @@ def test_lost_partitions_commit_nothing(kafka_server, kafka_topic, store_url, tm
             assert other.stop() == 0
     text = log_path.read_text()
     assert code == 0, text[-3000:]
-    before_drop = text.split("Dropped 80 buffered")[0]
-    assert "Committed offsets" not in before_drop, text[-3000:]
-    assert "Offset commit failed" not in before_drop, text[-3000:]
+    resumed = text[resumed_at:]
+    given_up = min(i for i in (resumed.find("Partitions lost"), resumed.find("Partitions revoked")) if i >= 0)
+    before_rejoin = text[:resumed_at + given_up]
+    assert "Committed offsets" not in before_rejoin, text[-3000:]
+    assert "Offset commit failed" not in before_rejoin, text[-3000:]
     for model in models:
         assert audit_versions(store_url, model).samples_learned == 30, model
 

@@ -160,6 +160,6 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0")
         start_http_server(port, addr=host, registry=registry)
     except OSError as err:
         raise ConfigError(
-            f"invalid metrics address {host}:{port}: {err.strerror or err}; choose another "
-            "metrics_port, or 0 to turn the metrics endpoint off"
+            f"invalid metrics address {host}:{port}: {err.strerror or err}; check metrics_host, "
+            "choose another metrics_port, or set metrics_port 0 to turn the endpoint off"
         ) from None

@@ -144,7 +144,7 @@ def choose_model(obj: Mapping[str, Any], key: bytes | None, forced_model: str | 
         raise RecordRejected(
             "missing_model",
             "the record has no 'model' field and no message key; set one of them "
-            "or start the worker with a fixed model",
+            "or start the worker with --model NAME",
         )
 
     try:

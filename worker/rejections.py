@@ -54,9 +54,12 @@ class Rejections:
         count = self._logged.get(rejection.reason, 0) + 1
         self._logged[rejection.reason] = count
         if count <= 10 or count % 1000 == 0:
+            # The tenth line says that the next ones are thinned out, so a
+            # quiet log is not read as "no more rejections".
+            more = "; from now on every 1000th of them is logged" if count == 10 else ""
             log.warning(
-                "Rejected record %s offset %d: %s: %s (%d rejected for %s so far)",
+                "Rejected record %s offset %d: %s: %s (%d rejected for %s so far%s)",
                 partition, offset, rejection.reason, short_detail(rejection.detail),
-                count, rejection.reason,
+                count, rejection.reason, more,
                 extra={"partition": partition, "offset": offset, "reason": rejection.reason},
             )

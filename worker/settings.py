@@ -60,7 +60,7 @@ class WorkerSettings:
     )
     model_spec: str | None = field(
         default=None,
-        metadata={"help": "JSON model spec file; models missing from the store are created from it"},
+        metadata={"help": "model spec file, JSON or TOML (*.toml); models missing from the store are created from it"},
     )
     batch_max_records: int | None = field(
         default=None,
@@ -188,7 +188,7 @@ class WorkerSettings:
             if not os.path.isfile(self.model_spec):
                 raise ConfigError(
                     f"invalid model_spec {self.model_spec!r}: no such file; "
-                    "give the path of a JSON model spec"
+                    "give the path of a JSON or TOML model spec"
                 )
         check_options(self.kafka_options)
 
