@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from modelstore import open_store
 from modelstore.base import ModelStore
+from modelstore.errors import StoreError
 from modelstore.names import validate_alias_name, validate_model_name
 
 from predictor import protocol, responses
@@ -39,7 +40,7 @@ from predictor.openapi import openapi_document
 from predictor.protocol import RequestError
 from predictor.refresh import HeadWatcher
 from predictor.sessions import NotServable, SessionCache
-from predictor.settings import PredictorSettings
+from predictor.settings import PredictorSettings, mask_url_password
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +93,26 @@ class Predictor:
             self.settings.cache_max_pinned, self.settings.cache_max_bytes,
         )
         self.watcher.start()
+        self._note_empty_store()
         if self.settings.source is not None:
             # Imported here, so an HTTP-only predictor never loads the Kafka client.
             from predictor.streaming import StreamPredictor
 
             self.stream = StreamPredictor(self.settings, self.cache, self.metrics, self.store)
             self.stream.start()
+
+    def _note_empty_store(self) -> None:
+        # A typo in a SQLite path creates a new, empty store, so an empty store is logged at start.
+        try:
+            empty = not self.store.list_models()
+        except StoreError:
+            return  # The head watcher reports an unreachable store.
+        if empty:
+            logger.warning(
+                "the model store %s has no models yet; predict requests return 404 until a worker or "
+                "`streamfit models create` adds one (check the store URL if models were expected)",
+                mask_url_password(self.settings.store),
+            )
 
     def stop(self) -> None:
         if self.stream is not None:

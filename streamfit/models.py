@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     def add_common(parser: argparse.ArgumentParser, prefix: str) -> None:
-        parser.add_argument("--store", dest=f"{prefix}store", default=None,
+        parser.add_argument("--store", dest=f"{prefix}store", default=None, metavar="URL",
                             help=f"store URL (default: STREAMFIT_STORE or {DEFAULT_STORE})")
         parser.add_argument("--json", dest=f"{prefix}json", action="store_true",
                             help="print JSON instead of a table")

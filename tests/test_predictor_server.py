@@ -306,3 +306,19 @@ def test_port_in_use_is_one_line(store):
     assert "choose another --port" in out.stderr
     assert "Traceback" not in out.stderr
     assert "predictor is ready" not in out.stderr
+
+
+def test_empty_store_noted_at_start(tmp_path, caplog):
+    from prometheus_client import CollectorRegistry
+
+    from predictor.app import create_app
+    from predictor.settings import PredictorSettings
+    from predictor_support import LiveServer
+
+    url = f"sqlite:///{tmp_path / 'typo.db'}"
+    server = LiveServer(create_app(PredictorSettings(store=url), registry=CollectorRegistry())).start()
+    try:
+        assert server.client.get("/v1/models/flights/predict").status_code in (404, 405)
+    finally:
+        server.stop()
+    assert any("has no models yet" in r.getMessage() and "typo.db" in r.getMessage() for r in caplog.records)

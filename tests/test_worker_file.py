@@ -306,3 +306,23 @@ def test_metrics_port_in_use_named(tmp_path, store_url, capsys):
     assert f"invalid metrics address 127.0.0.1:{port}" in err
     assert "choose another metrics_port" in err and "check metrics_host" in err
     assert "Traceback" not in err
+
+
+def test_other_spec_for_existing_model_noted(tmp_path, store_url, caplog):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(good(0)) + "\n")
+    spec_path = tmp_path / "spec.json"
+    spec_path.write_text(json.dumps(SPEC))
+    settings = settings_for(path, store_url, model="noted", model_spec=str(spec_path))
+    for _ in range(2):
+        path.write_text(path.read_text() + json.dumps(good(1)) + "\n")
+        assert run(settings, registry=CollectorRegistry()) == 0
+    assert not [r for r in caplog.records if "already exists with another spec" in r.getMessage()]
+
+    spec_path.write_text(json.dumps({**SPEC, "params": {"loss": "hinge"}}))
+    path.write_text(path.read_text() + json.dumps(good(2)) + "\n")
+    assert run(settings, registry=CollectorRegistry()) == 0
+    noted = [r for r in caplog.records if "already exists with another spec" in r.getMessage()]
+    assert len(noted) == 1
+    with open_store(store_url) as store:
+        assert store.version("noted").spec["params"]["loss"] == "log_loss"

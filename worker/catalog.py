@@ -49,6 +49,7 @@ class ModelCatalog:
         self._entries: dict[str, ModelEntry] = {}
         self._missing: dict[str, float] = {}
         self._broken: dict[str, str] = {}
+        self._spec_noted: set[str] = set()
 
     def lookup(self, model: str) -> ModelEntry:
         """Return the model's entry; raise RecordRejected('unknown_model') if it does not exist.
@@ -67,6 +68,7 @@ class ModelCatalog:
 
         try:
             entry = self._load(model)
+            self._note_other_spec(model, entry.spec)
         except ModelNotFound:
             if self._create_spec is None:
                 self._remember_missing(model)
@@ -115,6 +117,19 @@ class ModelCatalog:
             # Another worker created it between our read and our insert.
             return
         log.info("Created model %s from the configured model spec", model)
+
+    def _note_other_spec(self, model: str, spec: Any) -> None:
+        """Log once per model when the configured spec differs from the stored one, which stays in use."""
+        if self._create_spec is None or model in self._spec_noted:
+            return
+        self._spec_noted.add(model)
+        stored = spec.to_dict() if hasattr(spec, "to_dict") else spec
+        if stored != dict(self._create_spec):
+            log.warning(
+                "Model %s already exists with another spec, which it keeps: the model spec "
+                "setting only creates missing models. Create a new model to use the new spec",
+                model, extra={"model": model},
+            )
 
     def _remember_missing(self, model: str) -> None:
         if len(self._missing) >= MAX_MISSING_ENTRIES:

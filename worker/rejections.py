@@ -54,7 +54,7 @@ class Rejections:
         count = self._logged.get(rejection.reason, 0) + 1
         self._logged[rejection.reason] = count
         if count <= 10 or count % 1000 == 0:
-            # The tenth line says that the next ones are thinned out, so a
+            # The tenth line announces that later ones are thinned out, so a
             # quiet log is not read as "no more rejections".
             more = "; from now on every 1000th of them is logged" if count == 10 else ""
             log.warning(
