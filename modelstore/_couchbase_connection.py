@@ -125,10 +125,15 @@ class Connection:
                     WaitUntilReadyOptions(service_types=[ServiceType.KeyValue]),
                 )
                 bucket = cluster.bucket(settings.bucket)
+                created = False
                 if settings.create_collections and not self._collections_checked:
-                    if _ensure_collections(bucket, settings.scope):
-                        _wait_until_usable(bucket, settings.scope, settings.connect_timeout_ms / 1000)
+                    created = _ensure_collections(bucket, settings.scope)
                     self._collections_checked = True
+                # The first requests of a new connection were seen to time
+                # out on gocaves, and new collections need their manifest
+                # first. Probing each collection here keeps both away from
+                # the store's first real operation.
+                _wait_until_usable(bucket, settings.scope, settings.connect_timeout_ms / 1000, created)
             except BaseException:
                 cluster.close()
                 raise
@@ -169,19 +174,20 @@ def _ensure_collections(bucket, scope: str) -> bool:
     return missing
 
 
-# Read from every new collection until the data service has its manifest.
-# The key is not a store key, so the read finds nothing.
+# Read from every collection until it answers. The key is not a store key,
+# so the read finds nothing.
 _PROBE_KEY = "streamfit-collection-probe"
 _PROBE_TIMEOUT = timedelta(seconds=1)
 _NOT_READY = (CollectionNotFoundException, ScopeNotFoundException)
 
 
-def _wait_until_usable(bucket, scope: str, timeout_s: float) -> None:
+def _wait_until_usable(bucket, scope: str, timeout_s: float, created: bool = True) -> None:
     """Wait until key-value reads reach each of the store's collections.
 
     A collection created through the collection manager is not usable at
     once: until the data service has the new collection manifest, reads and
-    writes time out or fail with CollectionNotFound.
+    writes time out or fail with CollectionNotFound. When nothing was
+    created here, a missing collection is an error at once.
     """
     deadline = time.monotonic() + timeout_s
     for name in _keys.COLLECTIONS:
@@ -192,11 +198,23 @@ def _wait_until_usable(bucket, scope: str, timeout_s: float) -> None:
                 break
             except DocumentNotFoundException:
                 break
-            except _NOT_READY + UNAVAILABLE as exc:
+            except _NOT_READY as exc:
+                if not created:
+                    raise StoreError(
+                        f"collection {scope}.{name} does not exist in bucket {bucket.name!r}; "
+                        "create the store's collections or set create_collections=true"
+                    ) from exc
                 if time.monotonic() >= deadline:
                     raise StoreUnavailable(
                         f"collection {scope}.{name} was created but is not usable after "
                         f"{timeout_s:g} s ({type(exc).__name__}); retry later"
+                    ) from exc
+                time.sleep(0.1)
+            except UNAVAILABLE as exc:
+                if time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"collection {scope}.{name} did not answer within {timeout_s:g} s "
+                        f"({type(exc).__name__}); retry later"
                     ) from exc
                 time.sleep(0.1)
 

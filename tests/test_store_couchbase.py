@@ -256,6 +256,15 @@ def test_new_collections_probed_until_usable(gocaves_server):
         cluster.close()
 
 
+def test_missing_collections_named_when_not_created(gocaves_server):
+    environ = {"STREAMFIT_COUCHBASE_USERNAME": gocaves_server.username,
+               "STREAMFIT_COUCHBASE_PASSWORD": gocaves_server.password}
+    scope = f"absent-{uuid.uuid4().hex[:8]}"
+    url = f"{gocaves_server.connstr}/{gocaves_server.bucket}?scope={scope}&create_collections=false"
+    with pytest.raises(StoreError, match=f"collection {scope}\\.artifacts does not exist .*create_collections=true"):
+        CouchbaseStore.from_url(url, environ=environ)
+
+
 def test_wrong_password_not_retriable(gocaves_server):
     environ = {"STREAMFIT_COUCHBASE_USERNAME": gocaves_server.username,
                "STREAMFIT_COUCHBASE_PASSWORD": "wrong-secret-value"}
