@@ -174,7 +174,7 @@ def _ensure_collections(bucket, scope: str) -> bool:
     return missing
 
 
-# Read from every collection until it answers. The key is not a store key,
+# Read from every collection until it responds. The key is not a store key,
 # so the read finds nothing.
 _PROBE_KEY = "streamfit-collection-probe"
 _PROBE_TIMEOUT = timedelta(seconds=1)
@@ -213,7 +213,7 @@ def _wait_until_usable(bucket, scope: str, timeout_s: float, created: bool = Tru
             except UNAVAILABLE as exc:
                 if time.monotonic() >= deadline:
                     raise StoreUnavailable(
-                        f"collection {scope}.{name} did not answer within {timeout_s:g} s "
+                        f"collection {scope}.{name} did not respond within {timeout_s:g} s "
                         f"({type(exc).__name__}); retry later"
                     ) from exc
                 time.sleep(0.1)
