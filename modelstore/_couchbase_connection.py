@@ -198,22 +198,17 @@ def _wait_until_usable(bucket, scope: str, timeout_s: float, created: bool = Tru
                 break
             except DocumentNotFoundException:
                 break
-            except _NOT_READY as exc:
-                if not created:
+            except _NOT_READY + UNAVAILABLE as exc:
+                missing = isinstance(exc, _NOT_READY)
+                if missing and not created:
                     raise StoreError(
                         f"collection {scope}.{name} does not exist in bucket {bucket.name!r}; "
                         "create the store's collections or set create_collections=true"
                     ) from exc
                 if time.monotonic() >= deadline:
+                    state = "was created but is not usable after" if missing else "did not respond within"
                     raise StoreUnavailable(
-                        f"collection {scope}.{name} was created but is not usable after "
-                        f"{timeout_s:g} s ({type(exc).__name__}); retry later"
-                    ) from exc
-                time.sleep(0.1)
-            except UNAVAILABLE as exc:
-                if time.monotonic() >= deadline:
-                    raise StoreUnavailable(
-                        f"collection {scope}.{name} did not respond within {timeout_s:g} s "
+                        f"collection {scope}.{name} {state} {timeout_s:g} s "
                         f"({type(exc).__name__}); retry later"
                     ) from exc
                 time.sleep(0.1)

@@ -245,7 +245,8 @@ def test_create_from_toml_spec(capsys, sqlite_url, tmp_path):
     assert code == 0, err
     with open_store(sqlite_url) as store:
         stored = store.version("sensor").spec
-    assert stored["estimator"] == "SGDClassifier" and stored["params"]["loss"] == "log_loss"
+    assert stored["estimator"] == "SGDClassifier"
+    assert stored["params"]["loss"] == "log_loss"
 
     broken = tmp_path / "broken.toml"
     broken.write_text("estimator = ")

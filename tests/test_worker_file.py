@@ -232,7 +232,7 @@ def test_scores_and_drift_are_exported(tmp_path, caplog):
 
 @pytest.mark.parametrize(("setting", "versions"), [(None, [4, 8, 10]), (5, [5, 10])])
 def test_batch_size_from_spec_or_setting(tmp_path, setting, versions):
-    # The spec asks for batches of 4; an explicit worker setting wins over it.
+    # The spec sets batches of 4, and an explicit worker setting wins over it.
     url = f"sqlite:///{tmp_path}/models.db"
     with open_store(url) as store:
         store.create_model("delays", {**SPEC, "batch": {"max_records": 4}})
@@ -304,7 +304,8 @@ def test_metrics_port_in_use_named(tmp_path, store_url, capsys):
     assert code != 0
     err = capsys.readouterr().err
     assert f"invalid metrics address 127.0.0.1:{port}" in err
-    assert "choose another metrics_port" in err and "check metrics_host" in err
+    assert "choose another metrics_port" in err
+    assert "check metrics_host" in err
     assert "Traceback" not in err
 
 
